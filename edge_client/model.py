@@ -1,0 +1,195 @@
+"""Build real pruned HF models: load the base, drop layers, (optionally) quantize, attach LoRA.
+
+Pruning a HF LLaMA-family model must fix, or a saved model reloads with silently random layers:
+`config.num_hidden_layers`, every `self_attn.layer_idx` (renumbered 0..d-1, the KV cache's slot), and
+`config.layer_types` where the model has it (Qwen2).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from edge_client.core.pruning import PruningPlan
+from prufed.errors import ConfigError, ModelError
+from prufed.models import cache_root, check_model_dir, fingerprint_model_dir, resolve_model
+
+PRUNING_FILE = "pruning.json"
+QUANT_MODES = ("nf4", "int8", "bf16", "fp32")
+DEFAULT_LORA_TARGETS = ("q_proj", "v_proj")
+
+
+def load_base_model(model_dir: Path, dtype: torch.dtype = torch.float32):
+    """Load a local HF causal LM + tokenizer in `dtype` on the CPU; check it is LLaMA-family."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    check_model_dir(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+    decoder_layers(model)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.eval()
+    return model, tokenizer
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """`model.model.layers` of a causal LM (or of a PEFT wrapper around one)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    layers = getattr(getattr(base, "model", None), "layers", None)
+    if not isinstance(layers, nn.ModuleList):
+        raise ModelError(f"{type(base).__name__} has no model.model.layers; only LLaMA-family models are supported")
+    return layers
+
+
+def prune_model(model: nn.Module, kept_layers: tuple[int, ...] | list[int]) -> nn.Module:
+    """Keep only `kept_layers` (ORIGINAL indices, ascending) in place, fixing config and layer indices."""
+    layers = decoder_layers(model)
+    num_layers = len(layers)
+    if not kept_layers or any(not 0 <= i < num_layers for i in kept_layers):
+        raise ConfigError("kept_layers", f"must be non-empty indices in [0, {num_layers}), got {list(kept_layers)}")
+    kept = [layers[i] for i in kept_layers]
+    model.model.layers = nn.ModuleList(kept)
+    for new_index, layer in enumerate(kept):
+        layer.self_attn.layer_idx = new_index
+        if hasattr(layer, "layer_idx"):
+            layer.layer_idx = new_index
+    config = model.config
+    config.num_hidden_layers = len(kept)
+    if getattr(config, "layer_types", None):
+        config.layer_types = [config.layer_types[i] for i in kept_layers]
+    return model
+
+
+def save_pruned(model: nn.Module, tokenizer, plan: PruningPlan, out_dir: str | os.PathLike[str]) -> Path:
+    """`save_pretrained` the pruned model and tokenizer, with `pruning.json` beside them."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
+    (out / PRUNING_FILE).write_text(plan.to_json() + "\n")
+    return out
+
+
+def read_plan(model_dir: str | os.PathLike[str]) -> PruningPlan | None:
+    """The `pruning.json` beside a pruned model, or None for an unpruned one."""
+    path = Path(model_dir) / PRUNING_FILE
+    if not path.is_file():
+        return None
+    try:
+        return PruningPlan.from_json_dict(json.loads(path.read_text()))
+    except json.JSONDecodeError as exc:
+        raise ConfigError(str(path), f"not valid JSON ({exc.msg})") from exc
+
+
+def num_layers_of(model_dir: Path) -> int:
+    return int(check_model_dir(model_dir)["num_hidden_layers"])
+
+
+def materialize_pruned(model_spec: str | None, plan: PruningPlan) -> Path:
+    """A cached on-disk copy of the pruned model, so it can be (re)loaded with quantization at load time.
+
+    Keyed by the base fingerprint and kept layers: `$PRUFED_CACHE/pruned/<hash>/`. Written atomically.
+    """
+    base_dir = resolve_model(model_spec)
+    if plan.source_num_layers != num_layers_of(base_dir):
+        raise ConfigError(
+            "pruning plan", f"was made for {plan.source_num_layers} layers, model {base_dir} has {num_layers_of(base_dir)}"
+        )
+    fingerprint = fingerprint_model_dir(base_dir)
+    key = hashlib.sha256(f"{fingerprint}|{list(plan.kept_layers)}".encode()).hexdigest()[:20]
+    target = cache_root() / "pruned" / key
+    if (target / PRUNING_FILE).is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=target.parent))
+    try:
+        model, tokenizer = load_base_model(base_dir)
+        prune_model(model, plan.kept_layers)
+        save_pruned(model, tokenizer, plan, staging)
+        (staging / "base-fingerprint.txt").write_text(fingerprint)
+        try:
+            os.replace(staging, target)
+        except OSError:  # another process won the race; its copy is identical
+            pass
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def bitsandbytes_available() -> bool:
+    """True when bitsandbytes imports and can run 4-bit kernels here (0.50.2 supports the CPU too)."""
+    try:
+        import bitsandbytes  # noqa: F401
+    except Exception:  # a broken CUDA setup raises RuntimeError at import
+        return False
+    return True
+
+
+def resolve_quant(requested: str) -> str:
+    """`auto` -> nf4 when bitsandbytes works, else fp32; an explicit mode is checked."""
+    if requested == "auto":
+        return "nf4" if bitsandbytes_available() else "fp32"
+    if requested not in QUANT_MODES:
+        raise ConfigError("--quant", f"must be auto or one of {', '.join(QUANT_MODES)}, got {requested!r}")
+    if requested in ("nf4", "int8") and not bitsandbytes_available():
+        raise ConfigError("--quant", f"{requested} needs bitsandbytes, which is not importable here")
+    return requested
+
+
+def load_model_dir(model_dir: Path, quant: str = "fp32"):
+    """Load a (possibly pruned) model directory with the chosen weight precision.
+
+    nf4: bitsandbytes 4-bit NormalFloat with double quantization, compute in bf16 on CUDA and fp32 on CPU.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    kwargs: dict = {}
+    if quant == "nf4":
+        compute = torch.bfloat16 if device == "cuda" else torch.float32
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=compute,
+        )
+        kwargs["dtype"] = compute
+        kwargs["device_map"] = {"": device}
+    elif quant == "int8":
+        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
+        kwargs["device_map"] = {"": device}
+    else:
+        kwargs["dtype"] = torch.bfloat16 if quant == "bf16" else torch.float32
+        if device == "cuda":
+            kwargs["device_map"] = {"": device}
+    model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
+def attach_lora(model: nn.Module, r: int = 8, alpha: int = 16, targets=DEFAULT_LORA_TARGETS, dropout: float = 0.05,
+                gradient_checkpointing: bool = False):
+    """Wrap `model` in a PEFT LoRA model (k-bit preparation first when it is quantized)."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if r < 1:
+        raise ConfigError("--lora-r", f"must be >= 1, got {r}")
+    if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+    elif gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+        model.enable_input_require_grads()
+    config = LoraConfig(r=r, lora_alpha=alpha, target_modules=list(targets), lora_dropout=dropout,
+                        bias="none", task_type="CAUSAL_LM")
+    return get_peft_model(model, config)

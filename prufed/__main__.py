@@ -1,0 +1,5 @@
+import sys
+
+from prufed.cli import main
+
+sys.exit(main())

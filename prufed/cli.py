@@ -1,0 +1,56 @@
+"""The `prufed` command line: maps subcommands to functions, nothing else.
+
+Each command module exposes `register(subparsers)` and keeps heavy imports (torch, transformers) inside its
+handlers, so `prufed --help` is instant and `prufed generate --onnx` never imports torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+from prufed import __version__
+from prufed.errors import PrufedError
+
+COMMAND_MODULES: tuple[str, ...] = (
+    "edge_client.cli_pruning",  # prune, layers, eval
+    "aggregator.cli_aggregate",  # aggregate
+    "edge_client.cli_plan",  # profile, plan
+    "edge_client.cli_train",  # train
+    "aggregator.cli_server",  # aggregator serve | status
+    "edge_client.cli_edge",  # edge run
+    "prufed.cli_simulate",  # simulate
+    "edge_client.cli_onnx",  # export-onnx, generate
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="prufed",
+        description="PruFed: federated fine-tuning of layer-pruned LLMs across heterogeneous devices.",
+        epilog="Run `prufed COMMAND --help` for a command's options. Errors exit with status 2.",
+    )
+    parser.add_argument("--version", action="version", version=f"prufed {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for module_name in COMMAND_MODULES:
+        importlib.import_module(module_name).register(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except PrufedError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
