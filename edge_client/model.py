@@ -55,13 +55,16 @@ def prune_model(model: nn.Module, kept_layers: tuple[int, ...] | list[int]) -> n
     num_layers = len(layers)
     if not kept_layers or any(not 0 <= i < num_layers for i in kept_layers):
         raise ConfigError("kept_layers", f"must be non-empty indices in [0, {num_layers}), got {list(kept_layers)}")
+    if list(kept_layers) != sorted(set(kept_layers)):  # a repeated layer would share one module and KV slot
+        raise ConfigError("kept_layers", f"must be strictly ascending without repeats, got {list(kept_layers)}")
     kept = [layers[i] for i in kept_layers]
-    model.model.layers = nn.ModuleList(kept)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base.model.layers = nn.ModuleList(kept)
     for new_index, layer in enumerate(kept):
         layer.self_attn.layer_idx = new_index
         if hasattr(layer, "layer_idx"):
             layer.layer_idx = new_index
-    config = model.config
+    config = base.config
     config.num_hidden_layers = len(kept)
     if getattr(config, "layer_types", None):
         config.layer_types = [config.layer_types[i] for i in kept_layers]

@@ -162,7 +162,8 @@ def fingerprint_model_dir(path: Path) -> str:
     """
     path = Path(path)
     weight_files = sorted(list(path.glob("*.safetensors")) + list(path.glob("pytorch_model*.bin")))
-    stamp = [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in weight_files]
+    # config.json is hashed too, so it must be part of the staleness stamp.
+    stamp = [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in [path / "config.json", *weight_files] if f.is_file()]
     cache_file = path / "prufed-fingerprint.json"
     if cache_file.is_file():
         with contextlib.suppress(json.JSONDecodeError, KeyError):

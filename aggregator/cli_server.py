@@ -1,0 +1,165 @@
+"""`prufed aggregator serve | status`: run the federation server, or read its state straight from the database."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from prufed.errors import ConfigError
+
+SERVE_EPILOG = """example:
+  prufed aggregator serve --listen 127.0.0.1:50051 --db sqlite:///runs/agg.db --model smollm2-135m \\
+      --enroll-token "$(cat enroll.txt)" --rounds 3 --metrics-port 9100
+  # on a VM: --listen 0.0.0.0:50051 --tls-cert server.crt --tls-key server.key [--tls-client-ca ca.crt]
+"""
+STATUS_EPILOG = """example:
+  prufed aggregator status --db sqlite:///runs/agg.db --json
+"""
+
+# CLI flags that override a field of the same name in --config (None = keep the YAML/default value).
+OVERRIDES = ("rounds", "min_clients", "clients_fraction", "quorum_fraction", "min_updates", "deadline_s",
+             "max_extensions", "seed", "max_upload_mib", "chunk_size")
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("aggregator", help="run the aggregator server or inspect its database",
+                                   description="The PruFed aggregator: gRPC server over a SQL database.")
+    sub = parser.add_subparsers(dest="aggregator_command", metavar="SUBCOMMAND", required=True)
+
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    serve = sub.add_parser("serve", help="serve the federation over gRPC", formatter_class=fmt, epilog=SERVE_EPILOG,
+                           description="Serve Register/PullTask/DownloadGlobal/UploadUpdate/Status until SIGTERM.")
+    serve.add_argument("--listen", default="127.0.0.1:50051", help="HOST:PORT to bind (port 0 picks a free one)")
+    serve.add_argument("--db", required=True, help="database URL: sqlite:///path.db or postgresql+psycopg://...")
+    serve.add_argument("--blob-dir", default=None, help="blob directory (default: <db file>.blobs; required for "
+                                                        "non-SQLite databases)")
+    serve.add_argument("--model", default=None, help="base model: an alias (smollm2-135m) or a local HF directory "
+                                                     "(default: smollm2-135m)")
+    serve.add_argument("--config", default=None, help="aggregator.yaml with AggregatorConfig fields")
+    serve.add_argument("--tls-cert", default=None, help="PEM server certificate (enables TLS)")
+    serve.add_argument("--tls-key", default=None, help="PEM private key for --tls-cert")
+    serve.add_argument("--tls-client-ca", default=None, help="PEM CA; clients must present a cert it signed (mTLS)")
+    serve.add_argument("--insecure", action="store_true", help="allow plaintext on a non-loopback address")
+    serve.add_argument("--enroll-token", default=None, help="token that gates Register")
+    serve.add_argument("--tokens-file", default=None, help="file with one enrolment token per line")
+    serve.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics on this port")
+    for name in OVERRIDES:
+        kind = float if name in ("clients_fraction", "quorum_fraction", "deadline_s", "max_upload_mib") else int
+        serve.add_argument(f"--{name.replace('_', '-')}", dest=name, type=kind, default=None,
+                           help=f"override the config field {name}")
+    serve.set_defaults(func=serve_command)
+
+    status = sub.add_parser("status", help="print the federation state from the database", formatter_class=fmt,
+                            epilog=STATUS_EPILOG, description="Read rounds, clients and metrics without a server.")
+    status.add_argument("--db", required=True, help="database URL, as given to serve")
+    status.add_argument("--blob-dir", default=None, help="blob directory (non-SQLite databases)")
+    status.add_argument("--json", action="store_true", help="print machine-readable JSON on stdout")
+    status.set_defaults(func=status_command)
+
+
+def _enroll_tokens(args) -> list[str]:
+    tokens = []
+    if args.enroll_token is not None:
+        if len(args.enroll_token) < 8:
+            raise ConfigError("--enroll-token", "must be at least 8 characters")
+        tokens.append(args.enroll_token)
+    if args.tokens_file is not None:
+        path = Path(args.tokens_file)
+        if not path.is_file():
+            raise ConfigError("--tokens-file", f"{path}: no such file")
+        lines = [line.strip() for line in path.read_text().splitlines()]
+        tokens += [line for line in lines if line and not line.startswith("#")]
+        if not tokens:
+            raise ConfigError("--tokens-file", f"{path}: holds no tokens")
+    if not tokens:
+        raise ConfigError("--enroll-token", "Register must be gated: give --enroll-token or --tokens-file")
+    return tokens
+
+
+def serve_command(args) -> int:
+    import signal
+    import threading
+
+    from aggregator.config import load_config
+    from aggregator.server import TLSConfig, configure_json_logging, create_server
+    from aggregator.store import Store
+    from prufed.models import resolve_model
+
+    if (args.tls_cert is None) != (args.tls_key is None):
+        raise ConfigError("--tls-cert", "--tls-cert and --tls-key must be given together")
+    if args.tls_client_ca and not args.tls_cert:
+        raise ConfigError("--tls-client-ca", "needs --tls-cert/--tls-key (mTLS is on top of TLS)")
+    if args.metrics_port is not None and not 0 < args.metrics_port < 65536:
+        raise ConfigError("--metrics-port", f"must be in 1..65535, got {args.metrics_port}")
+    tokens = _enroll_tokens(args)
+    config = load_config(args.config, {name: getattr(args, name) for name in OVERRIDES})
+    tls = TLSConfig(Path(args.tls_cert), Path(args.tls_key),
+                    Path(args.tls_client_ca) if args.tls_client_ca else None) if args.tls_cert else None
+    configure_json_logging()
+    model_dir = resolve_model(args.model)
+    store = Store(args.db, args.blob_dir)
+    server, port = create_server(args.listen, store, config, tls, enroll_tokens=tokens, insecure=args.insecure,
+                                 model_dir=model_dir, metrics_port=args.metrics_port)
+    host = args.listen.rpartition(":")[0]
+    print(f"listening on {host}:{port}", file=sys.stderr, flush=True)
+
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    server.stop(grace=5.0)
+    store.dispose()
+    print("stopped", file=sys.stderr, flush=True)
+    return 0
+
+
+def status_command(args) -> int:
+    from aggregator.rounds import read_status
+    from aggregator.store import Store
+
+    db = args.db
+    if db.startswith("sqlite:///"):
+        path = Path(db[len("sqlite:///"):]).expanduser()
+        if not path.is_file():
+            raise ConfigError("--db", f"{path}: no such database file")
+    status = read_status(Store(db, args.blob_dir))
+    if args.json:
+        print(json.dumps(status, indent=2, sort_keys=True))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    console.print(f"base model {status['base_model']}  layers {status['num_layers']}  global version "
+                  f"{status['global_version']}  rounds {status['rounds_closed']}/{status['rounds_total']} closed"
+                  f"{'  (done)' if status['done'] else ''}")
+    depths = ", ".join(f"{d} layers: {n}" for d, n in status["clients_per_depth"].items()) or "none"
+    console.print(f"clients per depth: {depths}")
+    table = Table("round", "state", "sampled", "uploads", "examples", "version", "reason")
+    for r in status["rounds"]:
+        m = r["metrics"]
+        table.add_row(str(r["round"]), r["state"], str(r["sampled"]), str(r["uploads"]), str(m.get("examples", "")),
+                      str(m.get("global_version", "")), r["reason"])
+    console.print(table)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m aggregator.cli_server serve ...`: the same commands without importing every other CLI module
+    (a lighter process for the server and for tests that spawn it)."""
+    from prufed.errors import PrufedError
+
+    parser = argparse.ArgumentParser(prog="prufed")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["aggregator", *(sys.argv[1:] if argv is None else argv)])
+    try:
+        return int(args.func(args) or 0)
+    except PrufedError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

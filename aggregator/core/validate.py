@@ -1,0 +1,70 @@
+"""Validate one client update before it is folded in (pure, read-only).
+
+An update is Δ_k = local − global on the ORIGINAL-keyed adapter tensors of the client's declared `kept_layers`.
+It is accepted only when its key set is exactly the global adapter's keys for those layers, every tensor has
+the global's shape and dtype, every value is finite and `num_examples` is an int > 0. The aggregation code
+then trusts its input (validate once, up front).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+
+from prufed.adapter_keys import keys_for_layers, layer_of, layers_of_keys
+from prufed.errors import PrufedError
+
+#: Rejection codes, one per fault class (the servicer maps each to a status).
+CODES = ("bad_num_examples", "bad_kept_layers", "wrong_keys", "bad_shape", "bad_dtype", "non_finite")
+
+
+class UpdateRejected(PrufedError):
+    """A client update that must not be aggregated; `.code` is one of `CODES`, the message names the fault."""
+
+    def __init__(self, code: str, message: str):
+        self.code = code
+        super().__init__(f"{code}: {message}")
+
+
+def _sample(keys: Sequence[str], limit: int = 3) -> str:
+    shown = ", ".join(keys[:limit])
+    return shown + (f" (+{len(keys) - limit} more)" if len(keys) > limit else "")
+
+
+def validate_update(update: Mapping[str, torch.Tensor], *, kept_layers: Sequence[int],
+                    global_state: Mapping[str, torch.Tensor], num_examples: int) -> None:
+    """Raise `UpdateRejected` unless `update` is a well-formed delta for `kept_layers` of `global_state`."""
+    if isinstance(num_examples, bool) or not isinstance(num_examples, int) or num_examples <= 0:
+        raise UpdateRejected("bad_num_examples", f"num_examples must be an int > 0, got {num_examples!r}")
+    layers = list(kept_layers)
+    if not layers or any(isinstance(i, bool) or not isinstance(i, int) for i in layers) or len(set(layers)) != len(layers):
+        raise UpdateRejected("bad_kept_layers", f"kept_layers must be distinct ints, got {layers!r}")
+    unknown = sorted(set(layers) - set(layers_of_keys(global_state)))
+    if unknown:
+        raise UpdateRejected("bad_kept_layers", f"kept_layers {unknown} have no tensors in the global adapter")
+
+    expected = set(keys_for_layers(global_state, layers))
+    missing, extra = sorted(expected - set(update)), sorted(set(update) - expected)
+    if missing or extra:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing: {_sample(missing)}")
+        if extra:
+            foreign = sorted({layer_of(k) for k in extra if layer_of(k) is not None and layer_of(k) not in layers})
+            where = f" (layers {foreign} are not in kept_layers)" if foreign else ""
+            parts.append(f"{len(extra)} unexpected{where}: {_sample(extra)}")
+        raise UpdateRejected("wrong_keys", "; ".join(parts))
+
+    for key in sorted(expected):
+        value, reference = update[key], global_state[key]
+        if not isinstance(value, torch.Tensor):
+            raise UpdateRejected("bad_dtype", f"{key} is a {type(value).__name__}, not a tensor")
+        if value.shape != reference.shape:
+            raise UpdateRejected("bad_shape", f"{key} has shape {list(value.shape)}, global has {list(reference.shape)}")
+        if value.dtype != reference.dtype:
+            raise UpdateRejected("bad_dtype", f"{key} has dtype {value.dtype}, global has {reference.dtype}")
+        finite = torch.isfinite(value)
+        if not bool(finite.all()):
+            nan = int(torch.isnan(value).sum())
+            raise UpdateRejected("non_finite", f"{key} has {nan} NaN and {int((~finite).sum()) - nan} infinite values")

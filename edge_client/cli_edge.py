@@ -1,0 +1,125 @@
+"""`prufed edge run`: the long-running edge agent (register, then pull -> download -> train -> upload per round)."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+from edge_client.core.pruning import DEFAULT_STRATEGY, STRATEGIES, parse_protect
+from prufed.errors import ConfigError
+from prufed.models import DEFAULT_MODEL
+
+QUANT_CHOICES = ("auto", "nf4", "int8", "bf16", "fp32")
+EPILOG = """examples:
+  prufed edge run --aggregator agg.example.org:50051 --tls-ca ca.crt --token "$(cat enroll.txt)" \\
+      --data my_private.jsonl --depth auto --state-dir ~/.prufed/agent
+  # emulate a smaller device on a laptop:
+  prufed edge run --aggregator 127.0.0.1:50051 --token T --profile jetson-orin-nano-8gb --quant fp32
+"""
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("edge", help="run the edge agent that trains for the aggregator",
+                                   description="The PruFed edge agent.")
+    sub = parser.add_subparsers(dest="edge_command", metavar="SUBCOMMAND", required=True)
+    run = sub.add_parser(
+        "run", help="register and train every round until the federation is done",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter, epilog=EPILOG,
+        description="Profile this device (or emulate one), pick the pruned depth, register the kept layers and "
+        "loop: pull a task, download the global adapter slice, train LoRA locally, upload the delta. Every step "
+        "is persisted in --state-dir, so a restarted agent resumes where it stopped. Local data never leaves "
+        "the device; only the update file is uploaded. SIGTERM stops cleanly (exit 0).")
+    run.add_argument("--aggregator", required=True, help="HOST:PORT of the aggregator's gRPC endpoint")
+    run.add_argument("--token", default=None,
+                     help="enrolment token for the first Register (afterwards the per-client token in "
+                          "--state-dir is used)")
+    run.add_argument("--data", default=None, help="private instruction file (JSON/JSONL: alpaca, dolly or gsm8k); "
+                                                  "default: built-in KJV demo tasks")
+    run.add_argument("--depth", default="auto", help="decoder layers to keep, or 'auto' (memory planner)")
+    run.add_argument("--strategy", default=DEFAULT_STRATEGY, choices=STRATEGIES, metavar="S",
+                     help=f"which layers to keep: {', '.join(STRATEGIES)}")
+    run.add_argument("--protect", default="", help="comma-separated ORIGINAL layer indices never dropped")
+    run.add_argument("--state-dir", default="prufed-agent", help="directory for state.json, downloads and updates")
+    run.add_argument("--tls-ca", default=None, help="PEM CA that signed the aggregator's certificate (enables TLS)")
+    group = run.add_mutually_exclusive_group()
+    group.add_argument("--profile", default=None, help="emulate this hardware profile (hardware_profiles/NAME.yaml)")
+    group.add_argument("--budget-gib", type=float, default=None, help="emulate this training memory budget in GiB")
+    run.add_argument("--quant", default="auto", choices=QUANT_CHOICES,
+                     help="weight precision; auto = nf4 when bitsandbytes works, else fp32")
+    run.add_argument("--model", default=DEFAULT_MODEL, help="base model alias or local HF directory (unpruned)")
+    run.add_argument("--max-examples", type=int, default=None, help="use at most this many local examples")
+    run.add_argument("--seed", type=int, default=0, help="seed for data order and the demo data")
+    run.add_argument("--name", default="", help="a display name sent at registration")
+    run.add_argument("--no-gradient-checkpointing", action="store_true",
+                     help="keep activations (faster, more memory)")
+    run.add_argument("--retry-base", type=float, default=0.5, help="first backoff window in seconds")
+    run.add_argument("--retry-cap", type=float, default=30.0, help="largest backoff window in seconds")
+    run.add_argument("--retry-attempts", type=int, default=8, help="attempts per call before giving up")
+    run.add_argument("--verbose", action="store_true", help="training progress and mode lines on stderr")
+    run.set_defaults(func=run_command)
+
+
+def _depth(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        depth = int(text)
+    except ValueError:
+        raise ConfigError("--depth", f"must be 'auto' or a positive integer, got {text!r}") from None
+    if depth < 1:
+        raise ConfigError("--depth", f"must be >= 1, got {depth}")
+    return depth
+
+
+def build_config(args):
+    from edge_client.agent import AgentConfig
+    from edge_client.backoff import BackoffPolicy
+
+    host, _, port = args.aggregator.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError("--aggregator", f"must be HOST:PORT, got {args.aggregator!r}")
+    if args.budget_gib is not None and not (math.isfinite(args.budget_gib) and args.budget_gib > 0):
+        raise ConfigError("--budget-gib", f"must be a positive number of GiB, got {args.budget_gib}")
+    if args.max_examples is not None and args.max_examples < 1:
+        raise ConfigError("--max-examples", f"must be >= 1, got {args.max_examples}")
+    if args.data is not None and not Path(args.data).is_file():
+        raise ConfigError("--data", f"{args.data}: no such file")
+    if args.tls_ca is not None and not Path(args.tls_ca).is_file():
+        raise ConfigError("--tls-ca", f"{args.tls_ca}: no such file")
+    if args.profile is not None:
+        from edge_client.hardware_profiles import get_profile
+
+        get_profile(args.profile)  # unknown names fail here, naming --profile
+    return AgentConfig(
+        aggregator=args.aggregator, state_dir=Path(args.state_dir).expanduser(), enroll_token=args.token,
+        model=args.model, data=args.data, depth=_depth(args.depth), strategy=args.strategy,
+        protect=parse_protect(args.protect), profile=args.profile, budget_gib=args.budget_gib, quant=args.quant,
+        tls_ca=args.tls_ca, max_examples=args.max_examples, seed=args.seed, name=args.name,
+        gradient_checkpointing=not args.no_gradient_checkpointing,
+        backoff=BackoffPolicy(args.retry_base, args.retry_cap, args.retry_attempts), verbose=args.verbose)
+
+
+def run_command(args) -> int:
+    from edge_client.agent import run_agent
+
+    return run_agent(build_config(args))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m edge_client.cli_edge run ...`: the agent without importing every other CLI module."""
+    from prufed.errors import PrufedError
+
+    parser = argparse.ArgumentParser(prog="prufed")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["edge", *(sys.argv[1:] if argv is None else argv)])
+    try:
+        return int(args.func(args) or 0)
+    except PrufedError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,228 @@
+"""Shared pieces of the experiment scripts: task data, a fixed-budget LoRA fine-tune, evaluation, tables.
+
+Everything here runs in-process on an already loaded (pruned) model, so an experiment loads the base weights once
+and never round-trips adapters through files. Fine-tuning is plain AdamW on the prompt-masked next-token loss
+(`edge_client.data.tokenize_examples` masks the prompt), the same objective as `edge_client.train`.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import json
+import math
+import os
+import random
+import re
+import statistics
+import sys
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from edge_client.evaluate import EvalResult, batched, masked_loss, pad_batch
+
+TASKS = ("alpaca", "gsm8k")
+ANSWER_MARK = "####"
+
+
+# ---------------------------------------------------------------------------------------------------- data
+
+
+@dataclass(frozen=True)
+class TaskData:
+    """One task's train pool, held-out evaluation rows and (GSM8K) generation examples with gold answers."""
+
+    name: str
+    train: list  # list[InstructionExample]
+    heldout: list  # list[InstructionExample]
+    generate: list  # list[tuple[InstructionExample, str]]: (example without answer, gold final number)
+
+
+def final_number(text: str) -> str | None:
+    """The number after the last '####' (GSM8K's answer mark), commas and a trailing '.' removed; else None."""
+    if ANSWER_MARK not in text:
+        return None
+    match = re.search(r"-?[\d,]*\.?\d+", text.rsplit(ANSWER_MARK, 1)[1])
+    return match.group(0).replace(",", "").rstrip(".") if match else None
+
+
+def load_task(name: str, *, alpaca: str | None, gsm8k_train: str | None, gsm8k_test: str | None,
+              heldout: int, generate: int, demo_count: int = 400) -> TaskData:
+    """Real data when its path is given, else the built-in demo data (KJV instruction pairs) for either task.
+
+    Alpaca: a fixed (seed 0) random 5% is held out (the first `heldout` of it scored), the rest is the train pool,
+    shuffled (seed 0). GSM8K: the test file is held out (its first `heldout` rows scored, the first `generate`
+    rows generated), the shuffled train file is the pool.
+    """
+    from edge_client.data import InstructionExample, load_examples, split_heldout
+    from edge_client.demo_data import build_demo_examples
+
+    if name == "alpaca" and alpaca:
+        train, held = split_heldout(load_examples(alpaca, fmt="alpaca"), 0.05, seed=0)
+        random.Random(0).shuffle(train)
+    elif name == "gsm8k" and gsm8k_train and gsm8k_test:
+        train, held = load_examples(gsm8k_train, fmt="gsm8k"), load_examples(gsm8k_test, fmt="gsm8k")
+        random.Random(0).shuffle(train)
+    else:
+        # The two demo "tasks" differ in split so the smoke runs still exercise both code paths.
+        train = build_demo_examples(demo_count, seed=0 if name == "alpaca" else 1, split="train")
+        held = build_demo_examples(max(heldout, generate, 1), seed=0 if name == "alpaca" else 1, split="heldout")
+    gen = []
+    if name == "gsm8k":
+        for example in held[:generate]:
+            gold = final_number(example.output)
+            if gold is not None:
+                gen.append((InstructionExample(example.instruction, example.input, "", example.category), gold))
+    return TaskData(name, train, held[:heldout], gen)
+
+
+def category_labels(examples: Sequence, top: int = 8) -> list[str]:
+    """A label per example for a non-IID split: its `category`, else the instruction's first word (top-k, rest 'other')."""
+    raw = [(getattr(e, "category", "") or (e.instruction.split() or ["?"])[0]).lower().strip(":,.") for e in examples]
+    common = {word for word, _ in Counter(raw).most_common(top)}
+    return [word if word in common else "other" for word in raw]
+
+
+def tokenize(examples: Sequence, tokenizer, max_len: int) -> list[dict]:
+    from edge_client.data import tokenize_examples
+
+    rows = tokenize_examples(list(examples), tokenizer, max_len)
+    return [row for row in rows if any(label != -100 for label in row["labels"][1:])]
+
+
+# ---------------------------------------------------------------------------------------------------- models
+
+
+def tiny_model_dir(path: Path, num_layers: int = 8) -> Path:
+    """A tiny random LLaMA (hidden 64) with a byte-level tokenizer, saved to `path` (the --smoke model)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    if (path / "config.json").is_file():
+        return path
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=num_layers,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                         tie_word_embeddings=True, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    LlamaForCausalLM(config).save_pretrained(path)
+    vocab = {f"<{i}>": i for i in range(3)}
+    for symbol in sorted(pre_tokenizers.ByteLevel.alphabet())[: 256 - 3]:
+        vocab[symbol] = len(vocab)
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token=None))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<0>", bos_token="<1>", eos_token="<2>")
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def pruned_copy(base: torch.nn.Module, kept_layers: Sequence[int]) -> torch.nn.Module:
+    """A deep copy of `base` with only `kept_layers` (original indices); `base` is untouched."""
+    from edge_client.model import prune_model
+
+    model = copy.deepcopy(base)
+    if list(kept_layers) != list(range(len(model.model.layers))):
+        prune_model(model, tuple(kept_layers))
+    return model
+
+
+def finetune(model: torch.nn.Module, rows: Sequence[Mapping], *, steps: int, batch_size: int, lr: float, seed: int,
+             pad_id: int) -> list[float]:
+    """`steps` AdamW steps of the masked next-token loss on batches of `rows` in `batch_indices` order (seeded
+    per-epoch shuffles, as in `edge_client.train`), gradient norm clipped to 1.
+
+    Only parameters with requires_grad (the LoRA factors) are updated; returns the per-step training losses.
+    """
+    from edge_client.data import batch_indices
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    losses = []
+    model.train()
+    for step in range(steps):
+        batch = pad_batch([rows[i] for i in batch_indices(len(rows), batch_size, seed, step)], pad_id)
+        loss = model(**batch, use_cache=False).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    model.eval()
+    return losses
+
+
+def evaluate_rows(model: torch.nn.Module, rows: Sequence[Mapping], pad_id: int, batch_size: int = 4) -> EvalResult:
+    return masked_loss(model, batched(list(rows), pad_id, batch_size))
+
+
+@torch.inference_mode()
+def exact_match(model: torch.nn.Module, tokenizer, items: Sequence[tuple], max_new_tokens: int) -> float:
+    """Fraction of (example, gold) whose greedy completion's number after '####' equals gold."""
+    from edge_client.data import format_prompt
+
+    if not items:
+        return float("nan")
+    hits = 0
+    for example, gold in items:
+        ids = tokenizer(format_prompt(example), return_tensors="pt")
+        out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False,
+                             pad_token_id=tokenizer.pad_token_id)
+        hits += final_number(tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)) == gold
+    return hits / len(items)
+
+
+# ---------------------------------------------------------------------------------------------------- output
+
+
+def mean_std(values: Iterable[float]) -> tuple[float, float, int]:
+    """Mean, sample standard deviation (0 for a single value) and count, NaNs left out."""
+    vals = [v for v in values if v == v]
+    if not vals:
+        return float("nan"), float("nan"), 0
+    return statistics.fmean(vals), statistics.stdev(vals) if len(vals) > 1 else 0.0, len(vals)
+
+
+def fmt(mean: float, std: float, digits: int = 3) -> str:
+    return "n/a" if mean != mean else f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def write_csv(path: Path, rows: Sequence[Mapping], columns: Sequence[str]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(columns), extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def markdown_table(header: Sequence[str], rows: Iterable[Sequence]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def progress(total: int, description: str) -> tuple[Callable[[], None], Callable[[], None]]:
+    """(advance, close) of a rich progress bar on stderr."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                   console=Console(stderr=True))
+    task = bar.add_task(description, total=total)
+    bar.start()
+    return (lambda: bar.advance(task)), bar.stop
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def versions() -> dict[str, str]:
+    import peft
+    import transformers
+
+    return {"python": sys.version.split()[0], "torch": torch.__version__, "transformers": transformers.__version__,
+            "peft": peft.__version__, "threads": str(torch.get_num_threads())}

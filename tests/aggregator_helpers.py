@@ -1,0 +1,107 @@
+"""Helpers for the aggregator tests: valid deltas, in-process and subprocess servers, self-signed certificates."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+from prufed.adapter_keys import keys_for_layers
+
+ENROLL = "enroll-secret-123"
+REPO = Path(__file__).resolve().parent.parent
+
+
+def make_delta(global_state: dict, kept_layers, seed: int, scale: float = 0.01) -> dict[str, torch.Tensor]:
+    """A valid update for `kept_layers`: random fp32 tensors of the global's shapes (deterministic in seed)."""
+    gen = torch.Generator().manual_seed(seed)
+    return {k: torch.randn(global_state[k].shape, generator=gen) * scale
+            for k in keys_for_layers(global_state, kept_layers)}
+
+
+def fast_config(**overrides):
+    from aggregator.config import AggregatorConfig
+
+    values = dict(rounds=2, min_clients=2, clients_fraction=1.0, quorum_fraction=1.0, deadline_s=60.0,
+                  close_lease_s=2.0, retry_after_s=0.1, lora_r=4, lora_alpha=8.0)
+    values.update(overrides)
+    return AggregatorConfig(**values)
+
+
+def start_inprocess(tmp_path: Path, model_dir: Path, config=None, **kwargs):
+    """A real gRPC server on 127.0.0.1:0 over a SQLite file in tmp_path; returns (server, address, store)."""
+    from aggregator.server import create_server
+    from aggregator.store import Store
+
+    store = Store(f"sqlite:///{tmp_path / 'agg.db'}")
+    kwargs.setdefault("enroll_tokens", [ENROLL])
+    server, port = create_server("127.0.0.1:0", store, config or fast_config(), model_dir=model_dir, **kwargs)
+    return server, f"127.0.0.1:{port}", store
+
+
+def write_yaml_config(path: Path, **overrides) -> Path:
+    import yaml
+
+    values = fast_config(**overrides).to_dict()
+    path.write_text(yaml.safe_dump(values))
+    return path
+
+
+class ServerProcess:
+    """`python -m aggregator.cli_server serve` in a subprocess on port 0; kill() in a finalizer."""
+
+    def __init__(self, db: str, model_dir: Path, config_path: Path, fault: str | None = None,
+                 extra_args: tuple[str, ...] = ()):
+        env = dict(os.environ)
+        env.pop("PRUFED_FAULT", None)
+        if fault:
+            env["PRUFED_FAULT"] = fault
+        cmd = [sys.executable, "-m", "aggregator.cli_server", "serve", "--listen", "127.0.0.1:0", "--db", db,
+               "--model", str(model_dir), "--config", str(config_path), "--enroll-token", ENROLL, *extra_args]
+        self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                                     text=True)
+        self.log: list[str] = []
+        self.address = self._wait_listening()
+
+    def _wait_listening(self, timeout: float = 60.0) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            line = self.proc.stderr.readline()
+            if not line:
+                raise RuntimeError(f"server exited ({self.proc.poll()}) before listening:\n{''.join(self.log)}")
+            self.log.append(line)
+            if line.startswith("listening on "):
+                # keep draining stderr so the server never blocks on a full pipe
+                self._drain = threading.Thread(target=lambda: self.log.extend(self.proc.stderr), daemon=True)
+                self._drain.start()
+                return line.split()[-1]
+        raise RuntimeError("server did not start in time")
+
+    def wait_exit(self, timeout: float = 60.0) -> int:
+        code = self.proc.wait(timeout=timeout)
+        self._drain.join(timeout=10)
+        return code
+
+    def terminate(self) -> int:
+        self.proc.send_signal(signal.SIGTERM)
+        return self.wait_exit(30)
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=30)
+
+
+def self_signed_cert(directory: Path, name: str = "server", cn: str = "localhost") -> tuple[Path, Path]:
+    """(cert, key) PEM files for `cn` with a SAN of localhost/127.0.0.1, made with the openssl CLI."""
+    cert, key = directory / f"{name}.crt", directory / f"{name}.key"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", f"/CN={cn}",
+                    "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True)
+    return cert, key
