@@ -23,12 +23,16 @@ OVERRIDES = ("rounds", "min_clients", "clients_fraction", "quorum_fraction", "mi
              "max_extensions", "seed", "max_upload_mib", "chunk_size")
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Show defaults, keep the multi-line epilog examples as written."""
+
+
 def register(subparsers) -> None:
     parser = subparsers.add_parser("aggregator", help="run the aggregator server or inspect its database",
                                    description="The PruFed aggregator: gRPC server over a SQL database.")
     sub = parser.add_subparsers(dest="aggregator_command", metavar="SUBCOMMAND", required=True)
 
-    fmt = argparse.ArgumentDefaultsHelpFormatter
+    fmt = _HelpFormatter
     serve = sub.add_parser("serve", help="serve the federation over gRPC", formatter_class=fmt, epilog=SERVE_EPILOG,
                            description="Serve Register/PullTask/DownloadGlobal/UploadUpdate/Status until SIGTERM.")
     serve.add_argument("--listen", default="127.0.0.1:50051", help="HOST:PORT to bind (port 0 picks a free one)")
@@ -145,21 +149,3 @@ def status_command(args) -> int:
     console.print(table)
     return 0
 
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m aggregator.cli_server serve ...`: the same commands without importing every other CLI module
-    (a lighter process for the server and for tests that spawn it)."""
-    from prufed.errors import PrufedError
-
-    parser = argparse.ArgumentParser(prog="prufed")
-    register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["aggregator", *(sys.argv[1:] if argv is None else argv)])
-    try:
-        return int(args.func(args) or 0)
-    except PrufedError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

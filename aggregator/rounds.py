@@ -33,7 +33,7 @@ from sqlalchemy.engine import Connection
 from aggregator.config import AggregatorConfig
 from aggregator.store import Store, clients, federation, global_versions, rounds, uploads
 from prufed.errors import ConfigError, PrufedError
-from prufed.wire import IndexError_, canonical_safetensors, safetensors_index
+from prufed.wire import SafetensorsHeaderError, canonical_safetensors, safetensors_index
 
 log = logging.getLogger("prufed.aggregator")
 
@@ -281,11 +281,13 @@ class Federation:
         with self.store.read() as conn:
             existing = conn.execute(select(uploads).where(uploads.c.round == header.round,
                                                           uploads.c.client_id == client_id)).first()
+        started = time.perf_counter()
         if existing is None:
             self._validate_file(client_id, header, part_path)
             # rename + directory fsync outside the write lock; if the insert below loses a race the blob is an
             # unreferenced, content-addressed file (harmless)
             blob = self.store.blobs.adopt(part_path, sha256)
+        validated = time.perf_counter()
         with self.store.write() as conn:
             existing = conn.execute(select(uploads).where(uploads.c.round == header.round,
                                                           uploads.c.client_id == client_id)).first()
@@ -299,7 +301,9 @@ class Federation:
                 id=upload_id, round=header.round, client_id=client_id, sha256=sha256, bytes=header.total_bytes,
                 num_examples=header.num_examples, blob=blob, accepted_at=self.clock()))
         log.info("accepted update", extra={"client": client_id, "round": header.round, "sha256": sha256,
-                                           "bytes": header.total_bytes, "num_examples": header.num_examples})
+                                           "bytes": header.total_bytes, "num_examples": header.num_examples,
+                                           "validate_s": round(validated - started, 4),
+                                           "commit_s": round(time.perf_counter() - validated, 4)})
         return UploadReceipt(upload_id, sha256, header.round)
 
     def _validate_file(self, client_id: str, header: UploadHeaderInfo, path: Path) -> None:
@@ -309,7 +313,7 @@ class Federation:
         try:
             actual = safetensors_index(path)
             tensors, meta = load_adapter(path)
-        except (AdapterFormatError, IndexError_) as exc:
+        except (AdapterFormatError, SafetensorsHeaderError) as exc:
             raise FederationError("bad_format", f"update is not a readable adapter file: {exc}") from exc
         declared = tuple(sorted(header.tensors))
         if declared != actual:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import time
 from collections.abc import Callable, Iterator
 
 import grpc
@@ -137,6 +138,7 @@ class AggregatorServicer(pb_grpc.AggregatorServicer):
             raise FederationError("bad_request", "UploadHeader must declare total_bytes > 0 and a tensor index")
         self.fed.check_upload(client_id, header)
         spool = self.fed.store.blobs.spool()
+        started = time.perf_counter()
         try:
             trailer = None
             for message in request_iterator:
@@ -152,6 +154,8 @@ class AggregatorServicer(pb_grpc.AggregatorServicer):
                 else:
                     raise FederationError("bad_request", f"unexpected {kind} message in the upload stream")
             received, digest = spool.size, spool.finish()
+            log.info("upload received", extra={"client": client_id, "bytes": received,
+                                               "receive_s": round(time.perf_counter() - started, 4)})
             if trailer is None or received != header.total_bytes:
                 raise FederationError("truncated", f"truncated stream: received {received} of "
                                                    f"{header.total_bytes} declared bytes"

@@ -157,7 +157,7 @@ class Spool:
     receiving the next chunk instead of adding to it; by `finish()` only the tail remains to be synced.
     """
 
-    SYNC_EVERY_BYTES = 8 * 1024 * 1024
+    SYNC_EVERY_BYTES = 4 * 1024 * 1024  # bounds the tail left for the final fsync
 
     def __init__(self, fd: int, path: Path):
         self.path = path

@@ -19,7 +19,7 @@ MESSAGE_CAP_BYTES = CHUNK_CAP_BYTES + 64 * 1024
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors' own limit on the JSON header
 
 
-class IndexError_(ValueError):
+class SafetensorsHeaderError(ValueError):
     """The file does not start with a valid safetensors header."""
 
 
@@ -28,17 +28,17 @@ def safetensors_index(path: str | Path) -> TensorIndex:
     with open(path, "rb") as handle:
         prefix = handle.read(8)
         if len(prefix) != 8:
-            raise IndexError_(f"{path}: shorter than a safetensors header")
+            raise SafetensorsHeaderError(f"{path}: shorter than a safetensors header")
         (length,) = struct.unpack("<Q", prefix)
         if length > MAX_HEADER_BYTES:
-            raise IndexError_(f"{path}: header length {length} exceeds {MAX_HEADER_BYTES}")
+            raise SafetensorsHeaderError(f"{path}: header length {length} exceeds {MAX_HEADER_BYTES}")
         raw = handle.read(length)
     try:
         header = json.loads(raw)
         return tuple(sorted((name, tuple(int(d) for d in info["shape"]), str(info["dtype"]))
                             for name, info in header.items() if name != "__metadata__"))
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise IndexError_(f"{path}: malformed safetensors header ({exc})") from exc
+        raise SafetensorsHeaderError(f"{path}: malformed safetensors header ({exc})") from exc
 
 
 def iter_chunks(path: str | Path, chunk_size: int) -> Iterator[bytes]:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -50,9 +49,10 @@ def serve(kind: str, workdir: Path, clients: int) -> None:
         server.start()
     else:
         from aggregator.config import AggregatorConfig
-        from aggregator.server import create_server
+        from aggregator.server import configure_json_logging, create_server
         from aggregator.store import Store
 
+        configure_json_logging()
         config = AggregatorConfig(rounds=1, min_clients=clients, deadline_s=3600, lora_r=8, lora_alpha=16,
                                   max_upload_mib=64)
         store = Store(f"sqlite:///{workdir / 'agg.db'}")
@@ -63,6 +63,23 @@ def serve(kind: str, workdir: Path, clients: int) -> None:
     server.stop(0)
 
 
+def stage_timings(log_path: Path, repeats: int, points: int) -> list[dict]:
+    """Median server-side stage seconds per sweep point, from the aggregator's JSON log lines (in upload order)."""
+    receive, validate, commit = [], [], []
+    for line in log_path.read_text().splitlines():
+        if not line.startswith("{"):
+            continue
+        entry = json.loads(line)
+        if entry["msg"] == "upload received":
+            receive.append(entry["receive_s"])
+        elif entry["msg"] == "accepted update":
+            validate.append(entry["validate_s"])
+            commit.append(entry["commit_s"])
+    return [{f"{name}_ms": round(1000 * statistics.median(values[i * repeats:(i + 1) * repeats]), 1)
+             for name, values in (("receive", receive), ("validate", validate), ("commit", commit))}
+            for i in range(points)]
+
+
 def peak_rss_mib(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
@@ -71,8 +88,10 @@ def peak_rss_mib(pid: int) -> float:
 
 
 def start(kind: str, workdir: Path, clients: int) -> tuple[subprocess.Popen, str]:
+    log = open(workdir / f"{kind}.log", "w")  # the aggregator's JSON logs carry per-upload stage timings
     proc = subprocess.Popen([sys.executable, __file__, "--serve", kind, "--workdir", str(workdir),
-                             "--clients", str(clients)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+                             "--clients", str(clients)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log,
+                            text=True)
     port = proc.stdout.readline().strip()
     if not port.isdecimal():
         raise SystemExit(f"{kind} server failed to start")
@@ -152,14 +171,18 @@ def main(argv: list[str] | None = None) -> int:
             for proc in (raw_proc, agg_proc):
                 proc.stdin.close()
                 proc.wait(timeout=60)
+        stages = stage_timings(workdir / "agg.log", args.repeats, len(chunks_kib))
+    for row, stage in zip(rows, stages):
+        row.update(stage)
     best = max(rows, key=lambda row: row["agg_mib_s"])
     print(f"payload {payload_mib:.1f} MiB (LLaMA-7B r=8 q,v delta), median of {args.repeats}; "
           f"server RSS before uploads: raw {rss_before['raw']:.0f} MiB, agg {rss_before['agg']:.0f} MiB")
-    print("| chunk KiB | raw MiB/s | UploadUpdate MiB/s | ratio | raw peak RSS MiB | agg peak RSS MiB |")
-    print("|---:|---:|---:|---:|---:|---:|")
+    print("| chunk KiB | raw MiB/s | UploadUpdate MiB/s | ratio | server receive+hash+sync ms | validate ms | "
+          "commit ms | raw peak RSS MiB | agg peak RSS MiB |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for row in rows:
-        print(f"| {row['chunk_kib']} | {row['raw_mib_s']} | {row['agg_mib_s']} | {row['ratio']} | "
-              f"{row['raw_peak_rss_mib']} | {row['agg_peak_rss_mib']} |")
+        print(f"| {row['chunk_kib']} | {row['raw_mib_s']} | {row['agg_mib_s']} | {row['ratio']} | {row['receive_ms']} | "
+              f"{row['validate_ms']} | {row['commit_ms']} | {row['raw_peak_rss_mib']} | {row['agg_peak_rss_mib']} |")
     print(f"fastest UploadUpdate chunk: {best['chunk_kib']} KiB ({best['ratio']}x raw; target >= 0.7x)")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"payload_mib": round(payload_mib, 2), "repeats": args.repeats,

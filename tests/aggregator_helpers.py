@@ -54,7 +54,7 @@ def write_yaml_config(path: Path, **overrides) -> Path:
 
 
 class ServerProcess:
-    """`python -m aggregator.cli_server serve` in a subprocess on port 0; kill() in a finalizer."""
+    """`prufed aggregator serve` (as `python -m prufed`) in a subprocess on port 0; kill() in a finalizer."""
 
     def __init__(self, db: str, model_dir: Path, config_path: Path, fault: str | None = None,
                  extra_args: tuple[str, ...] = ()):
@@ -62,7 +62,7 @@ class ServerProcess:
         env.pop("PRUFED_FAULT", None)
         if fault:
             env["PRUFED_FAULT"] = fault
-        cmd = [sys.executable, "-m", "aggregator.cli_server", "serve", "--listen", "127.0.0.1:0", "--db", db,
+        cmd = [sys.executable, "-m", "prufed", "aggregator", "serve", "--listen", "127.0.0.1:0", "--db", db,
                "--model", str(model_dir), "--config", str(config_path), "--enroll-token", ENROLL, *extra_args]
         self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
                                      text=True)

@@ -155,19 +155,19 @@ def test_cli_serve_port0_sigterm_and_status(tmp_path, tiny_model_dir):
         assert any(entry["msg"] == "registered client" and entry["depth"] == 3 for entry in logs)
     finally:
         proc.kill()
-    out = subprocess.run([sys.executable, "-m", "aggregator.cli_server", "status", "--db", db, "--json"],
+    out = subprocess.run([sys.executable, "-m", "prufed", "aggregator", "status", "--db", db, "--json"],
                          cwd=REPO, capture_output=True, text=True, check=True)
     status = json.loads(out.stdout)
     assert status["clients_per_depth"] == {"3": 1} and status["global_version"] == 0
-    missing = subprocess.run([sys.executable, "-m", "aggregator.cli_server", "status", "--db",
+    missing = subprocess.run([sys.executable, "-m", "prufed", "aggregator", "status", "--db",
                               f"sqlite:///{tmp_path / 'nope.db'}"], cwd=REPO, capture_output=True, text=True)
     assert missing.returncode == 2 and "--db" in missing.stderr
 
 
 def test_cli_serve_flag_errors(tmp_path, tiny_model_dir, capsys):
-    from aggregator.cli_server import main
+    from prufed.cli import main
 
-    base = ["serve", "--db", f"sqlite:///{tmp_path / 'a.db'}", "--model", str(tiny_model_dir)]
+    base = ["aggregator", "serve", "--db", f"sqlite:///{tmp_path / 'a.db'}", "--model", str(tiny_model_dir)]
     cases = [([], "--enroll-token"), (["--enroll-token", ENROLL, "--tls-cert", "x.crt"], "--tls-cert"),
              (["--enroll-token", "short"], "--enroll-token"), (["--tokens-file", str(tmp_path / "no")], "--tokens-file"),
              (["--enroll-token", ENROLL, "--rounds", "0"], "rounds"),

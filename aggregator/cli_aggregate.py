@@ -1,0 +1,131 @@
+"""`prufed aggregate`: fold client update files into a global adapter file with HeteAgg (offline, no server).
+
+Each update is read, checked (format, base model, `validate_update`) and folded in one at a time, so memory stays
+at about one global adapter plus one update. A rejected update is reported with its reason and skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from prufed.errors import ConfigError, PrufedError
+
+WEIGHTINGS = ("examples", "uniform")  # mirrors aggregator.core.heteagg, which imports torch
+MODES = ("heteagg", "fedavg")
+SPACES = ("factors", "product")
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "aggregate", help="merge client update files into the next global adapter (HeteAgg)",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Layer-aligned weighted averaging of LoRA deltas from clients of any depth: for every tensor, "
+        "global' = global + server_lr * sum(w_k * delta_k) / sum(w_k) over the updates that hold it. Tensors no "
+        "update holds are copied unchanged. Updates that fail validation are reported and skipped.",
+        epilog="example: prufed aggregate --global runs/global-0.safetensors --update c1/update.safetensors "
+        "--update c2/update.safetensors --out runs/global-1.safetensors --json",
+    )
+    parser.add_argument("--global", dest="global_path", type=Path, required=True,
+                        help="current global adapter (format prufed-adapter/1)")
+    parser.add_argument("--update", dest="updates", type=Path, action="append", required=True,
+                        help="a client update (format prufed-delta/1); repeat for each client")
+    parser.add_argument("--out", type=Path, required=True, help="where to write the new global adapter")
+    parser.add_argument("--weighting", default="examples", choices=WEIGHTINGS,
+                        help="client weight: its num_examples, or 1 for every client")
+    parser.add_argument("--mode", default="heteagg", choices=MODES,
+                        help="heteagg averages each tensor over its holders; fedavg demands identical key sets")
+    parser.add_argument("--space", default="factors", choices=SPACES,
+                        help="average lora_A and lora_B separately, or the exact products B·A then SVD to rank r")
+    parser.add_argument("--server-lr", type=float, default=1.0, help="step size applied to the averaged delta")
+    parser.add_argument("--clip-norm", type=float, default=None,
+                        help="scale each update to at most this L2 norm (over all its tensors); default: no clipping")
+    parser.add_argument("--trim-fraction", type=float, default=0.0,
+                        help="coordinate-wise trimmed mean: drop this fraction at each end (keeps all updates in memory)")
+    parser.add_argument("--json", action="store_true",
+                        help="print per-tensor holder counts, rejected updates and the report as JSON on stdout")
+    parser.set_defaults(func=cmd_aggregate)
+
+
+def _progress():
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    console = Console(stderr=True)
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    console=console, transient=True, disable=not console.is_terminal)
+
+
+def _check_update(path: Path, global_state, global_meta):
+    """(tensors, meta) of a usable update; raises UpdateRejected naming why it is not."""
+    from aggregator.core.validate import UpdateRejected, validate_update
+    from prufed.adapter_format import DELTA_FORMAT, AdapterFormatError, load_adapter
+
+    try:
+        tensors, meta = load_adapter(path)
+    except AdapterFormatError as exc:
+        raise UpdateRejected("bad_file", str(exc)) from exc
+    if meta.format != DELTA_FORMAT:
+        raise UpdateRejected("bad_format", f"format is {meta.format!r}, an update must be {DELTA_FORMAT!r}")
+    if meta.base_model and global_meta.base_model and meta.base_model != global_meta.base_model:
+        raise UpdateRejected("base_model_mismatch",
+                             f"trained on base model {meta.base_model}, the global is for {global_meta.base_model}")
+    validate_update(tensors, kept_layers=meta.kept_layers, global_state=global_state, num_examples=meta.num_examples)
+    return tensors, meta
+
+
+def cmd_aggregate(args: argparse.Namespace) -> int:
+    from aggregator.core.heteagg import AggregationConfig, HeteAggregator
+    from aggregator.core.validate import UpdateRejected
+    from prufed.adapter_format import GLOBAL_FORMAT, AdapterMeta, load_adapter, save_adapter
+
+    config = AggregationConfig(weighting=args.weighting, mode=args.mode, space=args.space, server_lr=args.server_lr,
+                               clip_norm=args.clip_norm, trim_fraction=args.trim_fraction)
+    inputs = {path.resolve() for path in args.updates}
+    if len(inputs) != len(args.updates):
+        raise ConfigError("--update", "the same file is given more than once")
+    if args.out.resolve() in inputs:
+        raise ConfigError("--out", f"{args.out} is also an --update")
+    global_state, global_meta = load_adapter(args.global_path)
+    if global_meta.format != GLOBAL_FORMAT:
+        raise ConfigError("--global", f"{args.global_path} has format {global_meta.format!r}, expected {GLOBAL_FORMAT!r}")
+
+    aggregator = HeteAggregator(global_state, config)
+    accepted, rejected = [], []
+    with _progress() as progress:
+        task = progress.add_task("aggregating", total=len(args.updates))
+        for path in args.updates:
+            try:
+                tensors, meta = _check_update(path, global_state, global_meta)
+            except UpdateRejected as exc:
+                rejected.append({"path": str(path), "code": exc.code, "reason": str(exc)})
+            else:
+                aggregator.add(tensors, meta.num_examples, name=str(path))
+                accepted.append({"path": str(path), "num_examples": meta.num_examples,
+                                 "kept_layers": list(meta.kept_layers)})
+                del tensors  # one update in memory at a time
+            progress.advance(task)
+
+    summary = {"out": str(args.out), "round": global_meta.round + 1, "accepted": accepted, "rejected": rejected}
+    if accepted:
+        result = aggregator.finish()
+        out_meta = AdapterMeta(GLOBAL_FORMAT, global_meta.kept_layers, base_model=global_meta.base_model,
+                               round=global_meta.round + 1, lora=global_meta.lora)
+        save_adapter(args.out, result.state, out_meta)
+        summary["holders"] = {key: result.holders.get(key, 0) for key in sorted(global_state)}
+        summary["report"] = result.report
+    if args.json:
+        print(json.dumps(summary, indent=2, sort_keys=True))
+    else:
+        for item in rejected:
+            print(f"rejected {item['path']}: {item['reason']}", file=sys.stderr)
+        if accepted:
+            layers = summary["report"]["layer_holders"]
+            print(f"aggregated {len(accepted)} update(s), {len(rejected)} rejected -> {args.out} "
+                  f"(round {summary['round']}); holders per layer: "
+                  + ", ".join(f"{layer}:{count}" for layer, count in layers.items()))
+    if not accepted:
+        raise PrufedError(f"no update was accepted ({len(rejected)} rejected); {args.out} was not written")
+    return 0
