@@ -13,10 +13,6 @@ from pathlib import Path
 
 from prufed.errors import ConfigError, PrufedError
 
-WEIGHTINGS = ("examples", "uniform")  # mirrors aggregator.core.heteagg, which imports torch
-MODES = ("heteagg", "fedavg")
-SPACES = ("factors", "product")
-
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
@@ -28,20 +24,21 @@ def register(subparsers) -> None:
         epilog="example: prufed aggregate --global runs/global-0.safetensors --update c1/update.safetensors "
         "--update c2/update.safetensors --out runs/global-1.safetensors --json",
     )
-    parser.add_argument("--global", dest="global_path", type=Path, required=True,
+    parser.add_argument("--global", dest="global_path", type=Path, required=True, metavar="G",
                         help="current global adapter (format prufed-adapter/1)")
-    parser.add_argument("--update", dest="updates", type=Path, action="append", required=True,
+    parser.add_argument("--update", dest="updates", type=Path, action="append", required=True, metavar="U",
                         help="a client update (format prufed-delta/1); repeat for each client")
     parser.add_argument("--out", type=Path, required=True, help="where to write the new global adapter")
-    parser.add_argument("--weighting", default="examples", choices=WEIGHTINGS,
-                        help="client weight: its num_examples, or 1 for every client")
-    parser.add_argument("--mode", default="heteagg", choices=MODES,
+    parser.add_argument("--weighting", default="examples",
+                        help="client weight: examples (its num_examples) or uniform (1 for every client)")
+    parser.add_argument("--mode", default="heteagg",
                         help="heteagg averages each tensor over its holders; fedavg demands identical key sets")
-    parser.add_argument("--space", default="factors", choices=SPACES,
-                        help="average lora_A and lora_B separately, or the exact products B·A then SVD to rank r")
+    parser.add_argument("--space", default="factors",
+                        help="factors: average lora_A and lora_B separately; product: average the exact products "
+                        "B·A, then truncated SVD back to rank r")
     parser.add_argument("--server-lr", type=float, default=1.0, help="step size applied to the averaged delta")
     parser.add_argument("--clip-norm", type=float, default=None,
-                        help="scale each update to at most this L2 norm (over all its tensors); default: no clipping")
+                        help="scale each update to at most this L2 norm (over all its tensors); unset: no clipping")
     parser.add_argument("--trim-fraction", type=float, default=0.0,
                         help="coordinate-wise trimmed mean: drop this fraction at each end (keeps all updates in memory)")
     parser.add_argument("--json", action="store_true",

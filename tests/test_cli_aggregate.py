@@ -129,7 +129,8 @@ def test_fedavg_refuses_mixed_depths(files, monkeypatch, capsys, tmp_path):
 
 
 @pytest.mark.parametrize("extra, flag", [(["--server-lr", "0"], "--server-lr"), (["--clip-norm", "-1"], "--clip-norm"),
-                                         (["--trim-fraction", "0.7"], "--trim-fraction")])
+                                         (["--trim-fraction", "0.7"], "--trim-fraction"), (["--mode", "x"], "--mode"),
+                                         (["--space", "x"], "--space"), (["--weighting", "x"], "--weighting")])
 def test_bad_flags_exit_2(files, monkeypatch, capsys, tmp_path, extra, flag):
     root, paths, *_ = files
     code, _, err = run(["--global", paths["global"], "--update", paths["deep"], "--out", tmp_path / "o.safetensors",
