@@ -1,0 +1,81 @@
+"""`prufed simulate --smoke` on the tiny model: real aggregator + 3 real agents, report files with the expected fields."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from aggregator_helpers import REPO
+
+from prufed.simulate import build_report, table_rows, FederationRun, SimulationConfig
+
+
+def _data(path):
+    books = ["Genesis", "Exodus", "Ruth", "Job", "Mark", "John"]
+    with path.open("w") as out:
+        for i in range(60):
+            book = books[(i * 5) % len(books)]
+            out.write(json.dumps({"instruction": "Name the book.", "input": f"verse {i}", "output": book,
+                                  "category": book}) + "\n")
+    return path
+
+
+@pytest.mark.slow
+def test_smoke_simulation_writes_report(tmp_path, tiny_model_dir):
+    out = tmp_path / "sim"
+    proc = subprocess.run(
+        [sys.executable, "-m", "prufed.cli_simulate", "--smoke", "--model", str(tiny_model_dir), "--depths", "8,6,4",
+         "--data", str(_data(tmp_path / "data.jsonl")), "--out", str(out), "--json"],
+        cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    assert json.loads(proc.stdout)["rounds"] == report["rounds"]
+    assert [c["depth"] for c in report["clients"]] == [8, 6, 4]
+    assert sum(c["num_examples"] for c in report["clients"]) == report["num_train_examples"]
+    assert all(c["num_examples"] >= 1 for c in report["clients"])
+    assert [r["round"] for r in report["rounds"]] == [1, 2]
+    for row in report["rounds"]:
+        assert row["clients_per_depth"] == {"8": 1, "6": 1, "4": 1}
+        assert set(row["heldout_loss"]) == {"8", "6", "4"}
+        assert all(0 < v < 20 for v in row["heldout_loss"].values())
+        assert row["train_loss"] > 0 and row["seconds"] > 0 and row["slowest_train_s"] > 0
+        # every byte of the updates: 2 LoRA targets × 2 factors per kept layer, deeper clients send more
+        assert row["bytes_up"] > 0 and row["bytes_down"] > 0
+    # the aggregator's own counters agree with the agents' payload bytes
+    assert report["aggregator_totals"]["bytes_up"] == report["agent_totals"]["bytes_up"]
+    assert report["aggregator_totals"]["bytes_down"] == report["agent_totals"]["bytes_down"]
+    assert set(report["heldout_loss_round0"]) == {"8", "6", "4"}
+    # private shards were written, and agents exited (no leftover processes hold the DB)
+    assert all((out / "clients" / str(i) / "data.jsonl").is_file() for i in range(3))
+    md = (out / "report.md").read_text()
+    assert "| round |" in md and "held-out d8" in md and md.count("\n| 2 |") == 1
+    assert (out / "loss_per_depth.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_table_and_report_from_rows(tmp_path):
+    """The report maths without processes: baseline columns, overhead and totals."""
+    config = SimulationConfig(out=tmp_path, clients=2, depths=(4, 2))
+    row = {"round": 1, "clients_per_depth": {4: 1, 2: 1}, "train_loss": 2.0, "heldout_loss": {4: 1.5, 2: 1.8},
+           "bytes_up": 2048, "bytes_down": 4096, "seconds": 10.0, "slowest_train_s": 9.5, "overhead": 0.05}
+    hetero = FederationRun("heteagg", rows=[row], eval_round0={4: 2.0, 2: 2.1}, clients=[], wall_s=12.0)
+    base = FederationRun("fedavg-4", rows=[dict(row, heldout_loss={4: 1.6})], eval_round0={4: 2.0})
+    report = build_report(config, hetero, {4: base}, 20.0, 10, 2)
+    assert report["rounds"][0]["baseline_heldout_loss"] == {4: 1.6}
+    assert report["mean_overhead"] == pytest.approx(0.05)
+    assert report["agent_totals"] == {"bytes_up": 2048, "bytes_down": 4096}
+    header, lines = table_rows(json.loads(json.dumps(report)))
+    assert header[:5] == ["round", "clients/depth", "train loss", "held-out d4", "held-out d2"]
+    assert "FedAvg-only d4" in header
+    assert lines[1][header.index("FedAvg-only d4")] == "1.6000"
+    assert lines[1][-1] == "5.0%" and lines[1][header.index("KiB up")] == "2"
+
+
+@pytest.mark.parametrize("extra, flag", [(["--depths", "9"], "--depths"), (["--depths", "a,b"], "--depths"),
+                                         (["--profiles", "no-such-device"], "--profile"),
+                                         (["--clients", "0"], "--clients"), (["--alpha", "0"], "--alpha")])
+def test_flags_are_validated(tmp_path, tiny_model_dir, extra, flag):
+    proc = subprocess.run([sys.executable, "-m", "prufed.cli_simulate", "--model", str(tiny_model_dir),
+                           "--out", str(tmp_path), *extra], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and flag in proc.stderr, proc.stderr
