@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import sys
 from pathlib import Path
 
 from edge_client.core.pruning import DEFAULT_STRATEGY, STRATEGIES, parse_protect
@@ -105,21 +104,3 @@ def run_command(args) -> int:
     from edge_client.agent import run_agent
 
     return run_agent(build_config(args))
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m edge_client.cli_edge run ...`: the agent without importing every other CLI module."""
-    from prufed.errors import PrufedError
-
-    parser = argparse.ArgumentParser(prog="prufed")
-    register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["edge", *(sys.argv[1:] if argv is None else argv)])
-    try:
-        return int(args.func(args) or 0)
-    except PrufedError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -60,7 +60,7 @@ def register(subparsers) -> None:
     generate.add_argument("--seed", type=int, default=None, help="random seed for sampling (reproducible output)")
     generate.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
     generate.add_argument("--int8", action="store_true", help="with --onnx: run model.int8.onnx")
-    generate.add_argument("--threads", type=int, default=None, help="intra-op threads (default: the runtime's)")
+    generate.add_argument("--threads", type=int, default=None, help="intra-op threads; unset = onnxruntime/torch choose")
     generate.set_defaults(func=cmd_generate)
 
 

@@ -224,8 +224,10 @@ def parity(model: nn.Module, tokenizer, onnx_path: Path, prompts: Sequence[str] 
                              torch.from_numpy(position_ids_for(step_mask, 1)), *torch_out[1:])[0].numpy()
     decode = float(np.abs(ort_step - torch_step).max())
     agree = float((ort_logits[real].argmax(-1) == torch_logits[real].argmax(-1)).mean())
+    # The scale puts the absolute diff in context: fp32 rounding is ~1e-6 of it.
+    scale = float(np.abs(torch_logits[real]).max())
     return {"prefill_max_abs_diff": prefill, "decode_max_abs_diff": decode, "argmax_agreement": agree,
-            "prompts": list(prompts)}
+            "max_abs_logit": scale, "prompts": list(prompts)}
 
 
 def quantize_int8(src: Path, dst: Path) -> None:

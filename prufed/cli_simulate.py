@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 from edge_client.core.pruning import DEFAULT_STRATEGY, STRATEGIES
@@ -44,7 +43,7 @@ def register(subparsers) -> None:
     parser.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration (smaller = more skewed)")
     parser.add_argument("--local-steps", type=int, default=6, help="local optimiser steps per client per round")
     parser.add_argument("--examples", type=int, default=360, help="training examples in all, split over clients")
-    parser.add_argument("--heldout", type=int, default=24, help="held-out examples scored per depth per round")
+    parser.add_argument("--heldout", type=int, default=8, help="held-out examples scored per depth per round")
     parser.add_argument("--seq-len", type=int, default=160, help="tokens per example")
     parser.add_argument("--lr", type=float, default=1e-3, help="local AdamW learning rate")
     parser.add_argument("--quant", default="fp32", choices=("auto", "nf4", "int8", "bf16", "fp32"),
@@ -118,6 +117,8 @@ def simulate_command(args) -> int:
     from rich.table import Table
 
     console = Console()
+    if not console.is_terminal:
+        console = Console(width=160)  # a log file is no 80-column terminal: keep the table readable
     live_rows: dict[str, list[dict]] = {}
 
     def render() -> Table:
@@ -155,24 +156,3 @@ def simulate_command(args) -> int:
     console.print(final)
     console.print(f"wrote {config.out}/report.json, report.md, loss_per_depth.png")
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m prufed.cli_simulate ...` without importing every other CLI module."""
-    from prufed.errors import PrufedError
-
-    parser = argparse.ArgumentParser(prog="prufed")
-    register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["simulate", *(sys.argv[1:] if argv is None else argv)])
-    try:
-        return int(args.func(args) or 0)
-    except PrufedError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())

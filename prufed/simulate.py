@@ -50,7 +50,7 @@ class SimulationConfig:
     strategy: str = DEFAULT_STRATEGY
     data: str | None = None  #: instruction file; None = built-in demo data
     examples: int = 360  #: demo examples in all (split over clients); with --data: cap on records used
-    heldout: int = 24  #: held-out examples scored per depth after every round
+    heldout: int = 8  #: held-out examples scored per depth after every round
     alpha: float = 0.5  #: Dirichlet concentration of the non-IID split
     local_steps: int = 6
     batch_size: int = 1
@@ -302,7 +302,7 @@ def run_federation(name: str, config: SimulationConfig, model: str, clients: Seq
     run = FederationRun(name)
     started = time.perf_counter()
     try:
-        server = children.spawn([sys.executable, "-m", "aggregator.cli_server", "serve", "--listen", "127.0.0.1:0",
+        server = children.spawn([sys.executable, "-m", "prufed", "aggregator", "serve", "--listen", "127.0.0.1:0",
                                  "--db", f"sqlite:///{db_path}", "--model", model, "--config",
                                  str(out / "aggregator.yaml"), "--enroll-token", token, "--metrics-port",
                                  str(metrics_port)], out / "aggregator.log")
@@ -310,7 +310,7 @@ def run_federation(name: str, config: SimulationConfig, model: str, clients: Seq
         agents = []
         for spec in clients:
             spec.state_dir = out / "clients" / str(spec.index) / "state"
-            cmd = [sys.executable, "-m", "edge_client.cli_edge", "run", "--aggregator", address, "--token", token,
+            cmd = [sys.executable, "-m", "prufed", "edge", "run", "--aggregator", address, "--token", token,
                    "--data", str(spec.data_path), "--strategy", config.strategy, "--state-dir", str(spec.state_dir),
                    "--quant", config.quant, "--model", model, "--seed", str(config.seed + spec.index),
                    "--name", f"{name}-client-{spec.index}", "--retry-attempts", "20", *spec.args]
@@ -474,16 +474,17 @@ def _fmt(value, spec: str = ".4f") -> str:
 
 def table_rows(report: dict) -> tuple[list[str], list[list[str]]]:
     """Header and rows of the per-round table (shared by the live console table and report.md)."""
-    depths = sorted({int(d) for d in report["heldout_loss_round0"]}, reverse=True)
+    report = json.loads(json.dumps(report, default=str))  # one key type (str), in memory or from report.json
+    depths = sorted((int(d) for d in report["heldout_loss_round0"]), reverse=True)
     base = sorted((int(d) for d in report["baseline"]), reverse=True)
     header = (["round", "clients/depth", "train loss"] + [f"held-out d{d}" for d in depths]
               + [f"FedAvg-only d{d}" for d in base] + ["KiB up", "KiB down", "seconds", "overhead"])
-    lines = [["0", "", "–"] + [_fmt(report["heldout_loss_round0"].get(d)) for d in depths]
-             + [_fmt(report["baseline"][str(d)]["round0"].get(d)) for d in base] + ["–", "–", "–", "–"]]
+    lines = [["0", "", "–"] + [_fmt(report["heldout_loss_round0"].get(str(d))) for d in depths]
+             + [_fmt(report["baseline"][str(d)]["round0"].get(str(d))) for d in base] + ["–", "–", "–", "–"]]
     for row in report["rounds"]:
         lines.append([str(row["round"]), " ".join(f"{d}:{n}" for d, n in row["clients_per_depth"].items()),
-                      _fmt(row["train_loss"])] + [_fmt(row["heldout_loss"].get(d)) for d in depths]
-                     + [_fmt(row["baseline_heldout_loss"].get(d)) for d in base]
+                      _fmt(row["train_loss"])] + [_fmt(row["heldout_loss"].get(str(d))) for d in depths]
+                     + [_fmt(row["baseline_heldout_loss"].get(str(d))) for d in base]
                      + [f"{row['bytes_up'] / 1024:.0f}", f"{row['bytes_down'] / 1024:.0f}", f"{row['seconds']:.1f}",
                         _fmt(row["overhead"], ".1%")])
     return header, lines
@@ -520,16 +521,18 @@ def plot_losses(report: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    report = json.loads(json.dumps(report, default=str))
     fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=110)
     depths = sorted((int(d) for d in report["heldout_loss_round0"]), reverse=True)
     rounds = [0] + [r["round"] for r in report["rounds"]]
     for i, depth in enumerate(depths):
         color = f"C{i}"
-        ys = [report["heldout_loss_round0"].get(depth)] + [r["heldout_loss"].get(depth) for r in report["rounds"]]
+        key = str(depth)
+        ys = [report["heldout_loss_round0"].get(key)] + [r["heldout_loss"].get(key) for r in report["rounds"]]
         ax.plot(rounds, ys, marker="o", color=color, label=f"HeteAgg, depth {depth}")
-        if str(depth) in report["baseline"]:
-            b = report["baseline"][str(depth)]
-            ys = [b["round0"].get(depth)] + [row["heldout_loss"].get(depth) for row in b["rows"]]
+        if key in report["baseline"]:
+            b = report["baseline"][key]
+            ys = [b["round0"].get(key)] + [row["heldout_loss"].get(key) for row in b["rows"]]
             ax.plot(rounds[: len(ys)], ys, marker="x", linestyle="--", color=color, label=f"FedAvg-only, depth {depth}")
     ax.set_xlabel("round")
     ax.set_ylabel("held-out loss (nats/token)")

@@ -9,9 +9,6 @@ from __future__ import annotations
 
 import copy
 import csv
-import json
-import math
-import os
 import random
 import re
 import statistics

@@ -141,7 +141,7 @@ def run_federated(name: str, models: DepthModels, clients: list[tuple[int, list]
     from aggregator.core.heteagg import HeteAggregator
 
     pad_id = evaluate.pad_id
-    scopes = {None: list(range(len(clients)))} if groups is None else {d: idx for d, idx in groups.items()}
+    scopes = {None: list(range(len(clients)))} if groups is None else dict(groups)
     globals_ = {scope: {k: v.clone() for k, v in global_init.items()} for scope in scopes}
     rows = [evaluate(name, globals_[None if groups is None else d], d, 0, seed) for d in models.plans]
     for rnd in range(1, args.rounds + 1):
@@ -175,7 +175,7 @@ def run_local_only(models: DepthModels, clients: list[tuple[int, list]], global_
         torch_seed(seed * 10_000 + index)
         common.finetune(model, client_rows, steps=args.rounds * args.local_steps, batch_size=args.batch_size,
                         lr=args.lr, seed=seed * 10_000 + index, pad_id=evaluate.pad_id)
-        per_depth.setdefault(depth, []).append(evaluate.score(model, depth))
+        per_depth.setdefault(depth, []).append(evaluate.score(model))
     rows = []
     for depth, scores in per_depth.items():
         loss = sum(s["loss"] for s in scores) / len(scores)
@@ -195,12 +195,12 @@ def torch_seed(seed: int) -> None:
 class Evaluator:
     """Scores a depth's model with a given global adapter on the held-out rows (+ GSM8K EM in the last round)."""
 
-    def __init__(self, models: DepthModels, held_rows, generate, tokenizer, args):
+    def __init__(self, models: DepthModels, held_rows, generate, tokenizer, args, clients_at: dict[int, int]):
         self.models, self.held_rows, self.generate, self.tokenizer, self.args = models, held_rows, generate, tokenizer, args
         self.pad_id = tokenizer.pad_token_id
-        self.clients_at = {}
+        self.clients_at = clients_at  # depth -> number of clients of that depth (a column of the results)
 
-    def score(self, model, depth: int, final: bool = True) -> dict:
+    def score(self, model, final: bool = True) -> dict:
         result = common.evaluate_rows(model, self.held_rows, self.pad_id)
         em = (common.exact_match(model, self.tokenizer, self.generate, self.args.max_new_tokens)
               if final and self.generate else "")
@@ -208,9 +208,9 @@ class Evaluator:
 
     def __call__(self, run: str, state: dict, depth: int, rnd: int, seed: int) -> dict:
         model = self.models.load(depth, state)
-        scored = self.score(model, depth, final=rnd == self.args.rounds)
+        scored = self.score(model, final=rnd == self.args.rounds)
         return {"run": run, "depth": depth, "round": rnd, "seed": seed, **scored,
-                "clients": self.clients_at.get(depth, ""), "seconds": ""}
+                "clients": self.clients_at[depth], "seconds": ""}
 
 
 def render(rows: list[dict], args, depths: list[int], runs: list[str]) -> tuple[str, dict]:
@@ -332,8 +332,8 @@ def run(args: argparse.Namespace) -> int:
     for seed in range(args.seeds):
         torch.manual_seed(seed)
         models = DepthModels(base, plans, args.lora_r)
-        evaluate = Evaluator(models, held_rows, data.generate if args.task == "gsm8k" else [], tokenizer, args)
-        evaluate.clients_at = {d: len(idx) for d, idx in groups.items()}
+        evaluate = Evaluator(models, held_rows, data.generate if args.task == "gsm8k" else [], tokenizer, args,
+                             {d: len(idx) for d, idx in groups.items()})
         global_init = initial_global_adapter(config_dict, r=args.lora_r, alpha=2 * args.lora_r,
                                              targets=DEFAULT_LORA_TARGETS, seed=seed)
         for space in args.space_list:

@@ -91,7 +91,7 @@ class Agent:
     def __init__(self, tmp: Path, index: int, address: str, model_dir: Path, depth: int, strategy: str):
         self.index, self.state_dir = index, tmp / f"agent{index}"
         self.data = _write_data(tmp / f"data{index}.jsonl", index, canary=index == 0)
-        self.cmd = [sys.executable, "-m", "edge_client.cli_edge", "run", "--aggregator", address, "--token", ENROLL,
+        self.cmd = [sys.executable, "-m", "prufed", "edge", "run", "--aggregator", address, "--token", ENROLL,
                     "--model", str(model_dir), "--depth", str(depth), "--strategy", strategy, "--state-dir",
                     str(self.state_dir), "--data", str(self.data), "--quant", "fp32", "--seed", str(index),
                     "--no-gradient-checkpointing", "--retry-base", "0.1", "--retry-cap", "1"]
@@ -253,7 +253,7 @@ def test_cli_validates_flags(tmp_path):
              (["--aggregator", "127.0.0.1:1", "--budget-gib", "-1"], "--budget-gib"),
              (["--aggregator", "127.0.0.1:1", "--retry-attempts", "0"], "--retry-attempts")]
     for extra, flag in cases:
-        proc = subprocess.run([sys.executable, "-m", "edge_client.cli_edge", *base[1:], *extra], cwd=REPO,
+        proc = subprocess.run([sys.executable, "-m", "prufed", *base, *extra], cwd=REPO,
                               capture_output=True, text=True, timeout=60)
         assert proc.returncode == 2 and flag in proc.stderr, (extra, proc.stderr)
 
@@ -265,7 +265,7 @@ def test_unreachable_aggregator_gives_up_after_backoff(tmp_path, tiny_model_dir)
         port = sock.getsockname()[1]
     started = time.monotonic()
     proc = subprocess.run(
-        [sys.executable, "-m", "edge_client.cli_edge", "run", "--aggregator", f"127.0.0.1:{port}", "--token", ENROLL,
+        [sys.executable, "-m", "prufed", "edge", "run", "--aggregator", f"127.0.0.1:{port}", "--token", ENROLL,
          "--model", str(tiny_model_dir), "--depth", "4", "--state-dir", str(tmp_path / "s"), "--retry-base", "0.05",
          "--retry-cap", "0.2", "--retry-attempts", "3"], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
