@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-IGNORE_INDEX = -100
+from edge_client.data import IGNORE_INDEX
 
 
 @dataclass(frozen=True)
