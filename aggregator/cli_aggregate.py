@@ -12,12 +12,13 @@ import sys
 from pathlib import Path
 
 from prufed.errors import ConfigError, PrufedError
+from prufed.cli_help import HelpFormatter
 
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "aggregate", help="merge client update files into the next global adapter (HeteAgg)",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
         description="Layer-aligned weighted averaging of LoRA deltas from clients of any depth: for every tensor, "
         "global' = global + server_lr * sum(w_k * delta_k) / sum(w_k) over the updates that hold it. Tensors no "
         "update holds are copied unchanged. Updates that fail validation are reported and skipped.",

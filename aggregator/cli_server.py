@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
 
 from prufed.errors import ConfigError
+from prufed.cli_help import HelpFormatter
 
 SERVE_EPILOG = """example:
   prufed aggregator serve --listen 127.0.0.1:50051 --db sqlite:///runs/agg.db --model smollm2-135m \\
@@ -23,16 +23,12 @@ OVERRIDES = ("rounds", "min_clients", "clients_fraction", "quorum_fraction", "mi
              "max_extensions", "seed", "max_upload_mib", "chunk_size")
 
 
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Show defaults, keep the multi-line epilog examples as written."""
-
-
 def register(subparsers) -> None:
     parser = subparsers.add_parser("aggregator", help="run the aggregator server or inspect its database",
                                    description="The PruFed aggregator: gRPC server over a SQL database.")
     sub = parser.add_subparsers(dest="aggregator_command", metavar="SUBCOMMAND", required=True)
 
-    fmt = _HelpFormatter
+    fmt = HelpFormatter
     serve = sub.add_parser("serve", help="serve the federation over gRPC", formatter_class=fmt, epilog=SERVE_EPILOG,
                            description="Serve Register/PullTask/DownloadGlobal/UploadUpdate/Status until SIGTERM.")
     serve.add_argument("--listen", default="127.0.0.1:50051", help="HOST:PORT to bind (port 0 picks a free one)")

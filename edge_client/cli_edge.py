@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import argparse
 import math
 from pathlib import Path
 
 from edge_client.core.pruning import DEFAULT_STRATEGY, STRATEGIES, parse_protect
 from prufed.errors import ConfigError
 from prufed.models import DEFAULT_MODEL
+from prufed.cli_help import HelpFormatter
 
 QUANT_CHOICES = ("auto", "nf4", "int8", "bf16", "fp32")
 EPILOG = """examples:
@@ -25,7 +25,7 @@ def register(subparsers) -> None:
     sub = parser.add_subparsers(dest="edge_command", metavar="SUBCOMMAND", required=True)
     run = sub.add_parser(
         "run", help="register and train every round until the federation is done",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter, epilog=EPILOG,
+        formatter_class=HelpFormatter, epilog=EPILOG,
         description="Profile this device (or emulate one), pick the pruned depth, register the kept layers and "
         "loop: pull a task, download the global adapter slice, train LoRA locally, upload the delta. Every step "
         "is persisted in --state-dir, so a restarted agent resumes where it stopped. Local data never leaves "

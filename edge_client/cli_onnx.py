@@ -14,12 +14,13 @@ from pathlib import Path
 from edge_client.core.pruning import DEFAULT_STRATEGY, STRATEGIES
 from prufed.errors import ConfigError
 from prufed.models import DEFAULT_MODEL
+from prufed.cli_help import HelpFormatter
 
 MODEL_HELP = f"model alias ({DEFAULT_MODEL}) or a local Hugging Face LLaMA-family directory (the UNPRUNED base)"
 
 
 def register(subparsers) -> None:
-    fmt = argparse.ArgumentDefaultsHelpFormatter
+    fmt = HelpFormatter
 
     export = subparsers.add_parser(
         "export-onnx", help="export a pruned, LoRA-merged model to ONNX with a KV cache", formatter_class=fmt,

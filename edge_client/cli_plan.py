@@ -6,7 +6,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import sys
@@ -17,6 +16,7 @@ from edge_client.core.memory import ACCELERATORS, MIB, OPTIMIZERS, QUANT_MODES, 
 from edge_client.core.pruning import DEFAULT_STRATEGY, POSITIONAL_STRATEGIES, STRATEGIES
 from prufed.errors import ConfigError
 from prufed.models import DEFAULT_MODEL
+from prufed.cli_help import HelpFormatter
 
 GIB = 2**30
 BUILTIN_PACKAGE = "edge_client.builtin_configs"
@@ -28,7 +28,7 @@ def builtin_configs() -> list[str]:
 
 
 def register(subparsers) -> None:
-    fmt = argparse.ArgumentDefaultsHelpFormatter
+    fmt = HelpFormatter
     profile = subparsers.add_parser(
         "profile", help="probe this device: memory, accelerator, sensors, nearest hardware profile",
         formatter_class=fmt,

@@ -12,13 +12,14 @@ from pathlib import Path
 from edge_client.core.pruning import DEFAULT_STRATEGY, STRATEGIES, parse_protect
 from prufed.errors import ConfigError
 from prufed.models import DEFAULT_MODEL
+from prufed.cli_help import HelpFormatter
 
 MODEL_HELP = f"model alias ({DEFAULT_MODEL}) or a local Hugging Face LLaMA-family directory"
 CALIB_HELP = "plain-text calibration file for scored strategies (passages separated by blank lines); default: built-in KJV calibration split"
 
 
 def register(subparsers) -> None:
-    fmt = argparse.ArgumentDefaultsHelpFormatter
+    fmt = HelpFormatter
 
     prune = subparsers.add_parser(
         "prune", help="drop decoder layers and save the pruned model with pruning.json", formatter_class=fmt,

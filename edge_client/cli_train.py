@@ -5,13 +5,13 @@ Heavy imports (torch, transformers, peft) stay inside the handler so `prufed --h
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
 from edge_client.core.pruning import DEFAULT_STRATEGY, STRATEGIES, parse_protect
 from prufed.errors import ConfigError
 from prufed.models import DEFAULT_MODEL
+from prufed.cli_help import HelpFormatter
 
 FORMAT_CHOICES = ("alpaca", "dolly", "gsm8k")
 QUANT_CHOICES = ("auto", "nf4", "int8", "bf16", "fp32")
@@ -20,7 +20,7 @@ QUANT_CHOICES = ("auto", "nf4", "int8", "bf16", "fp32")
 def register(subparsers) -> None:
     train = subparsers.add_parser(
         "train", help="LoRA instruction tuning of a pruned model; writes an update file and metrics",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
         description="Prune the model to --depth layers, load it (4-bit NF4 when bitsandbytes works), attach LoRA "
         "and train on an instruction file (Alpaca, Dolly or GSM8K; JSON or JSONL) or, without --data, on built-in "
         "KJV demo tasks. Writes OUT/update.safetensors (Δ = trained − start, ORIGINAL layer keys), "

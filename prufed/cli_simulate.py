@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
 from edge_client.core.pruning import DEFAULT_STRATEGY, STRATEGIES
 from prufed.errors import ConfigError
 from prufed.models import DEFAULT_MODEL
+from prufed.cli_help import HelpFormatter
 
 EPILOG = """examples:
   prufed simulate                                   # 6 clients over depths 30,20,10, 3 rounds -> runs/simulate/
@@ -20,7 +20,7 @@ EPILOG = """examples:
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "simulate", help="run a heterogeneous federation on this machine and write a report",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter, epilog=EPILOG,
+        formatter_class=HelpFormatter, epilog=EPILOG,
         description="Start a real aggregator and N real edge agents on 127.0.0.1, split the data non-IID "
         "(Dirichlet over categories), emulate devices of different strength (pruned depths or hardware profiles), "
         "run the rounds, print a live per-round table and write OUT/report.json, OUT/report.md and "

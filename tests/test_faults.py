@@ -177,7 +177,6 @@ def test_two_replicas_race_to_close(tmp_path, tiny_model_dir, procs):
     procs.append(ServerProcess(db, tiny_model_dir, config))
     procs.append(ServerProcess(db, tiny_model_dir, config))
     store = Store(db)
-    global0 = None
     clients = []
     layer_sets = [A_LAYERS, B_LAYERS, [1, 2], [4, 5, 6]]
     for i, layers in enumerate(layer_sets):  # alternate replicas: any replica serves any client
