@@ -117,6 +117,30 @@ def tiny_model_dir(path: Path, num_layers: int = 8) -> Path:
     return path
 
 
+def model_dir_for(args) -> Path:
+    """The model an experiment runs on: the tiny random one under `--smoke`, else `--model` (name or path).
+
+    Also applies `--threads` (when the script has it) and creates `--out`.
+    """
+    from edge_client.layer_scores import source_model_dir
+
+    if getattr(args, "threads", None):
+        torch.set_num_threads(args.threads)
+    args.out.mkdir(parents=True, exist_ok=True)
+    return tiny_model_dir(args.out / "tiny-model") if args.smoke else source_model_dir(args.model)
+
+
+def run_cli(run: Callable[[], int]) -> int:
+    """Run a script body; a `PrufedError` (bad flag, missing file) becomes one `error:` line and exit code 2."""
+    from prufed.errors import PrufedError
+
+    try:
+        return run()
+    except PrufedError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
 def pruned_copy(base: torch.nn.Module, kept_layers: Sequence[int]) -> torch.nn.Module:
     """A deep copy of `base` with only `kept_layers` (original indices); `base` is untouched."""
     from edge_client.model import prune_model

@@ -169,28 +169,23 @@ def render_chart(path: Path, measured: list[dict], planned: list[dict]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from prufed.errors import PrufedError
-
-    try:
+    def body() -> int:
         args = parse_args(argv)
         if args.measure_one is not None:
             print(json.dumps(measure_one(args)))
             return 0
         return run(args)
-    except PrufedError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+
+    return common.run_cli(body)
 
 
 def run(args: argparse.Namespace) -> int:
     from edge_client.core.memory import TrainingSetup, estimate_memory
-    from edge_client.layer_scores import source_model_dir
     from prufed.errors import ConfigError, PrufedError
     from prufed.models import read_model_config
 
     started = time.time()
-    args.out.mkdir(parents=True, exist_ok=True)
-    model_dir = common.tiny_model_dir(args.out / "tiny-model") if args.smoke else source_model_dir(args.model)
+    model_dir = common.model_dir_for(args)
     config = read_model_config(model_dir)
     num_layers = int(config["num_hidden_layers"])
     if any(not 1 <= d <= num_layers for d in args.depth_list):

@@ -277,13 +277,7 @@ def render_curves(path: Path, rows: list[dict], depths: list[int], runs: list[st
 
 
 def main(argv: list[str] | None = None) -> int:
-    from prufed.errors import PrufedError
-
-    try:
-        return run(parse_args(argv))
-    except PrufedError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    return common.run_cli(lambda: run(parse_args(argv)))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -293,16 +287,13 @@ def run(args: argparse.Namespace) -> int:
     from aggregator.core.init_adapter import initial_global_adapter
     from edge_client.core.partition import dirichlet_split
     from edge_client.core.pruning import SCORED_STRATEGIES, make_plan
-    from edge_client.layer_scores import calibration_passages, compute_layer_scores, source_model_dir
+    from edge_client.layer_scores import calibration_passages, compute_layer_scores
     from edge_client.model import DEFAULT_LORA_TARGETS, load_base_model
     from prufed.errors import ConfigError
     from prufed.models import read_model_config
 
     started = time.time()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    args.out.mkdir(parents=True, exist_ok=True)
-    model_dir = common.tiny_model_dir(args.out / "tiny-model") if args.smoke else source_model_dir(args.model)
+    model_dir = common.model_dir_for(args)
     base, tokenizer = load_base_model(model_dir)
     num_layers = len(base.model.layers)
     if any(not 1 <= d <= num_layers for d in args.depth_list):

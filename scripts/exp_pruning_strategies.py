@@ -171,29 +171,19 @@ def render_chart(path: Path, summary: dict, strategies: list[str], depths: list[
 
 
 def main(argv: list[str] | None = None) -> int:
-    from prufed.errors import PrufedError
-
-    try:
-        args = parse_args(argv)
-        return run(args)
-    except PrufedError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    return common.run_cli(lambda: run(parse_args(argv)))
 
 
 def run(args: argparse.Namespace) -> int:
     import torch
 
     from edge_client.core.pruning import SCORED_STRATEGIES, make_plan
-    from edge_client.layer_scores import calibration_passages, compute_layer_scores, source_model_dir
+    from edge_client.layer_scores import calibration_passages, compute_layer_scores
     from edge_client.model import attach_lora, load_base_model
     from prufed.errors import ConfigError
 
     started = time.time()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    args.out.mkdir(parents=True, exist_ok=True)
-    model_dir = common.tiny_model_dir(args.out / "tiny-model") if args.smoke else source_model_dir(args.model)
+    model_dir = common.model_dir_for(args)
     base, tokenizer = load_base_model(model_dir)
     pad_id = tokenizer.pad_token_id
     num_layers = len(base.model.layers)
