@@ -22,7 +22,7 @@ demo: setup
 	$(BIN)/prufed simulate
 
 test: setup
-	$(BIN)/python -m pytest -n 2 --durations=15
+	$(BIN)/python -m pytest -n 2 --dist loadfile --durations=15
 
 protos: setup
 	$(BIN)/python scripts/gen_protos.py

@@ -17,6 +17,8 @@ from prufed.adapter_format import DELTA_FORMAT, GLOBAL_FORMAT, AdapterMeta, save
 from prufed.v1 import aggregator_pb2 as pb
 from prufed.wire import safetensors_index
 
+# The tests share one server and run in file order (the last checks what all the others left behind), so under
+# pytest-xdist they must stay on one worker: the Makefile runs with --dist loadfile.
 A_LAYERS, B_LAYERS = [0, 1, 2, 3], [0, 4, 7]
 
 

@@ -29,6 +29,13 @@ def test_valid_update_passes(global_state, good):
     validate_update(good, kept_layers=KEPT, global_state=global_state, num_examples=3)
 
 
+def test_huge_finite_values_whose_sum_overflows_pass(global_state, good):
+    key = first_key(good)
+    huge = torch.full(good[key].shape, 3.0e38)  # finite, but any two of them sum to inf in float32
+    assert not torch.isfinite(huge.sum())
+    validate_update({**good, key: huge}, kept_layers=KEPT, global_state=global_state, num_examples=1)
+
+
 def first_key(update, layer=0):
     return next(k for k in sorted(update) if f".layers.{layer}." in k)
 
