@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -24,6 +25,11 @@ from prufed.models import cache_root, check_model_dir, fingerprint_model_dir, re
 PRUNING_FILE = "pruning.json"
 QUANT_MODES = ("nf4", "int8", "bf16", "fp32")
 DEFAULT_LORA_TARGETS = ("q_proj", "v_proj")
+
+# On AVX512-BF16 CPUs bitsandbytes tries to fetch a fused NF4 kernel from the Hugging Face hub (`kernels`) and
+# warns on every run when it cannot. PruFed is offline by design and bitsandbytes falls back to its built-in CPU
+# kernels, so the warning is noise for our users; real errors from that module still show.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 
 def load_base_model(model_dir: Path, dtype: torch.dtype = torch.float32):
@@ -189,9 +195,12 @@ def attach_lora(model: nn.Module, r: int = 8, alpha: int = 16, targets=DEFAULT_L
     if r < 1:
         raise ConfigError("--lora-r", f"must be >= 1, got {r}")
     if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+        # peft passes empty kwargs, which leaves torch's checkpoint guessing (and warning); non-reentrant is the
+        # mode torch recommends and the one transformers uses on the full-precision path below.
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing,
+                                                gradient_checkpointing_kwargs={"use_reentrant": False})
     elif gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        model.activation_checkpointing_enable()
         model.enable_input_require_grads()
     config = LoraConfig(r=r, lora_alpha=alpha, target_modules=list(targets), lora_dropout=dropout,
                         bias="none", task_type="CAUSAL_LM")
