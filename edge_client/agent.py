@@ -368,6 +368,8 @@ class Agent:
         while not self.stop.is_set():
             phase = self.state["phase"]
             if phase == DONE:
+                self._log(f"{self.dir} already took part in a finished federation; nothing to do (use a new "
+                          "--state-dir to join another)")
                 return 0
             if phase == TRAINED:
                 self.upload()

@@ -17,9 +17,11 @@ after another, each with its own aggregator) and adds their held-out losses as e
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -169,6 +171,12 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def _die_with_parent() -> None:
+    """In the forked child (Linux): get SIGTERM when the simulation dies, even by SIGKILL, so that no aggregator or
+    agent outlives it holding a port and the database (prctl PR_SET_PDEATHSIG = 1)."""
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)
+
+
 class Children:
     """Every child process of the run; `close()` (also on Ctrl-C) terminates them all, then kills stragglers."""
 
@@ -181,7 +189,8 @@ class Children:
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH", "")]))
         log = log_path.open("w")
         self._files.append(log)
-        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                preexec_fn=_die_with_parent if sys.platform == "linux" else None)
         self.procs.append(proc)
         return proc
 
@@ -290,10 +299,12 @@ def run_federation(name: str, config: SimulationConfig, model: str, clients: Seq
     fed_yaml = aggregator_yaml(config, len(clients), mode)
     (out / "aggregator.yaml").write_text(yaml.safe_dump(fed_yaml))
     db_path = out / "agg.db"
-    for stale in (db_path, db_path.with_name("agg.db.blobs")):
+    # A previous run into the same --out left a finished federation behind: its agents' state dirs would resume
+    # as "done" against this fresh aggregator and never register, so every piece of run state goes.
+    for spec in clients:
+        spec.state_dir = out / "clients" / str(spec.index) / "state"
+    for stale in (db_path, db_path.with_name("agg.db.blobs"), *(spec.state_dir for spec in clients)):
         if stale.is_dir():
-            import shutil
-
             shutil.rmtree(stale)
         elif stale.exists():
             stale.unlink()
@@ -309,7 +320,6 @@ def run_federation(name: str, config: SimulationConfig, model: str, clients: Seq
         address = wait_listening(out / "aggregator.log", server)
         agents = []
         for spec in clients:
-            spec.state_dir = out / "clients" / str(spec.index) / "state"
             cmd = [sys.executable, "-m", "prufed", "edge", "run", "--aggregator", address, "--token", token,
                    "--data", str(spec.data_path), "--strategy", config.strategy, "--state-dir", str(spec.state_dir),
                    "--quant", config.quant, "--model", model, "--seed", str(config.seed + spec.index),

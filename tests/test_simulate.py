@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 
 import pytest
 from aggregator_helpers import REPO
@@ -53,6 +54,15 @@ def test_smoke_simulation_writes_report(tmp_path, tiny_model_dir):
     assert "| round |" in md and "held-out d8" in md and "\n| 2 | 8:1 6:1 4:1 |" in md
     assert (out / "loss_per_depth.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
+    # Running again into the same --out (`make demo` twice) starts a new federation instead of resuming the
+    # finished agents' state against a fresh aggregator.
+    again = subprocess.run(
+        [sys.executable, "-m", "prufed", "simulate", "--smoke", "--model", str(tiny_model_dir), "--depths", "8,6,4",
+         "--rounds", "1", "--data", str(tmp_path / "data.jsonl"), "--out", str(out), "--json"],
+        cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert [r["round"] for r in json.loads((out / "report.json").read_text())["rounds"]] == [1]
+
 
 def test_table_and_report_from_rows(tmp_path):
     """The report maths without processes: baseline columns, overhead and totals."""
@@ -79,3 +89,25 @@ def test_flags_are_validated(tmp_path, tiny_model_dir, extra, flag):
     proc = subprocess.run([sys.executable, "-m", "prufed", "simulate", "--model", str(tiny_model_dir),
                            "--out", str(tmp_path), *extra], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and flag in proc.stderr, proc.stderr
+
+
+@pytest.mark.slow
+def test_children_die_with_a_killed_simulation(tmp_path, tiny_model_dir):
+    import psutil
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "prufed", "simulate", "--smoke", "--model", str(tiny_model_dir), "--depths", "8,4",
+         "--data", str(_data(tmp_path / "data.jsonl")), "--out", str(tmp_path / "sim"), "--json"],
+        cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        parent = psutil.Process(proc.pid)
+        deadline = time.monotonic() + 120
+        while len(parent.children()) < 4 and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        children = parent.children()
+        assert len(children) == 4, "expected the aggregator and 3 agents to be running"
+    finally:
+        proc.kill()  # SIGKILL: no chance for the simulation's own clean-up
+        proc.wait()
+    gone, alive = psutil.wait_procs(children, timeout=30)
+    assert not alive, f"orphaned: {[p.cmdline()[3:5] for p in alive]}"
