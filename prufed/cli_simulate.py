@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from argparse import SUPPRESS
 from pathlib import Path
 
 from edge_client.core.pruning import DEFAULT_STRATEGY, STRATEGIES
@@ -17,6 +18,15 @@ EPILOG = """examples:
 """
 
 
+# Run sizes: the demo's defaults, and the tiny ones --smoke picks (explicit flags override either).
+DEFAULT_SIZES = {"clients": 6, "rounds": 3, "local_steps": 6, "examples": 360, "heldout": 8, "seq_len": 160}
+SMOKE_SIZES = {"clients": 3, "rounds": 2, "local_steps": 2, "examples": 30, "heldout": 6, "seq_len": 256}
+
+
+def _size_help(name: str, text: str) -> str:
+    return f"{text} (default: {DEFAULT_SIZES[name]}; with --smoke: {SMOKE_SIZES[name]})"
+
+
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "simulate", help="run a heterogeneous federation on this machine and write a report",
@@ -25,8 +35,8 @@ def register(subparsers) -> None:
         "(Dirichlet over categories), emulate devices of different strength (pruned depths or hardware profiles), "
         "run the rounds, print a live per-round table and write OUT/report.json, OUT/report.md and "
         "OUT/loss_per_depth.png.")
-    parser.add_argument("--clients", type=int, default=6, help="number of edge agents")
-    parser.add_argument("--rounds", type=int, default=3, help="federated rounds")
+    parser.add_argument("--clients", type=int, default=SUPPRESS, help=_size_help("clients", "number of edge agents"))
+    parser.add_argument("--rounds", type=int, default=SUPPRESS, help=_size_help("rounds", "federated rounds"))
     emulate = parser.add_mutually_exclusive_group()
     emulate.add_argument("--depths", default=None, help="comma-separated depths assigned round-robin "
                                                         "(default: 30,20,10 capped at the model's layer count)")
@@ -41,10 +51,13 @@ def register(subparsers) -> None:
     parser.add_argument("--baseline", default=None, choices=("homogeneous",),
                         help="also run FedAvg within each depth group on the same data, for comparison")
     parser.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration (smaller = more skewed)")
-    parser.add_argument("--local-steps", type=int, default=6, help="local optimiser steps per client per round")
-    parser.add_argument("--examples", type=int, default=360, help="training examples in all, split over clients")
-    parser.add_argument("--heldout", type=int, default=8, help="held-out examples scored per depth per round")
-    parser.add_argument("--seq-len", type=int, default=160, help="tokens per example")
+    parser.add_argument("--local-steps", type=int, default=SUPPRESS,
+                        help=_size_help("local_steps", "local optimiser steps per client per round"))
+    parser.add_argument("--examples", type=int, default=SUPPRESS,
+                        help=_size_help("examples", "training examples in all, split over clients"))
+    parser.add_argument("--heldout", type=int, default=SUPPRESS,
+                        help=_size_help("heldout", "held-out examples scored per depth per round"))
+    parser.add_argument("--seq-len", type=int, default=SUPPRESS, help=_size_help("seq_len", "tokens per example"))
     parser.add_argument("--lr", type=float, default=1e-3, help="local AdamW learning rate")
     parser.add_argument("--quant", default="fp32", choices=("auto", "nf4", "int8", "bf16", "fp32"),
                         help="agents' weight precision (fp32 measured fastest on CPU for this demo)")
@@ -52,7 +65,7 @@ def register(subparsers) -> None:
     parser.add_argument("--model", default=DEFAULT_MODEL, help="base model alias or local HF directory")
     parser.add_argument("--timeout", type=float, default=3600.0, help="give up after this many seconds")
     parser.add_argument("--smoke", action="store_true",
-                        help="tiny sizes for tests: 3 clients, 2 rounds, 2 local steps, 30 examples, seq-len 256")
+                        help="tiny default sizes for tests (see each size flag); flags given explicitly still win")
     parser.add_argument("--json", action="store_true", help="print report.json on stdout instead of tables")
     parser.set_defaults(func=simulate_command)
 
@@ -70,10 +83,8 @@ def _ints(flag: str, text: str) -> tuple[int, ...]:
 def build_config(args):
     from prufed.simulate import SimulationConfig
 
-    sizes = dict(clients=args.clients, rounds=args.rounds, local_steps=args.local_steps, examples=args.examples,
-                 heldout=args.heldout, seq_len=args.seq_len)
-    if args.smoke:
-        sizes.update(clients=3, rounds=2, local_steps=2, examples=30, heldout=6, seq_len=256)
+    sizes = {name: getattr(args, name, default)
+             for name, default in (SMOKE_SIZES if args.smoke else DEFAULT_SIZES).items()}
     profiles = depths = None
     if args.profiles is not None:
         profiles = tuple(p.strip() for p in args.profiles.split(",") if p.strip())

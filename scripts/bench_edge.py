@@ -28,13 +28,15 @@ import tempfile
 import time
 from pathlib import Path
 
+from prufed.cli_help import HelpFormatter
+
 PLANNER_TOLERANCE = 0.15
 STEP_SLACK = 0.15
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                     formatter_class=HelpFormatter,
                                      epilog="example: python scripts/bench_edge.py --depths 30,15 --quants nf4 --steps 4")
     parser.add_argument("--model", default="smollm2-135m", help="model alias or local HF directory")
     parser.add_argument("--depths", default="30,20,15,10", help="comma-separated kept depths (the first full depth "

@@ -26,15 +26,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _exp_common as common  # noqa: E402
 
+from prufed.cli_help import HelpFormatter  # noqa: E402
+from prufed.models import DEFAULT_MODEL  # noqa: E402
+
 MEASURED_COLUMNS = ("depth", "quant", "tokens_per_s", "step_seconds", "peak_rss_mib", "estimate_mib",
                     "speed_vs_full", "rss_vs_full")
 PLANNED_COLUMNS = ("profile", "model", "quant", "budget_mib", "chosen_depth", "total_mib", "breakdown")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter,
                                      epilog="example: python scripts/bench_hardware_profiles.py --depths 30,15")
-    parser.add_argument("--model", default=None, help="model alias or local HF dir (default smollm2-135m)")
+    parser.add_argument("--model", default=DEFAULT_MODEL, help="model alias or local HF directory")
     parser.add_argument("--depths", default="30,20,10", help="depths measured on this machine")
     parser.add_argument("--steps", type=int, default=4, help="optimizer steps per depth (first one untimed)")
     parser.add_argument("--batch", type=int, default=1, help="sequences per step")

@@ -29,13 +29,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _exp_common as common  # noqa: E402
 
+from prufed.cli_help import HelpFormatter  # noqa: E402
+from prufed.models import DEFAULT_MODEL  # noqa: E402
+
 COLUMNS = ("run", "depth", "round", "seed", "loss", "perplexity", "tokens", "exact_match", "clients", "seconds")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter,
                                      epilog="example: python scripts/exp_hetero_vs_homo.py --smoke --local-only")
-    parser.add_argument("--model", default=None, help="model alias or local HF dir (default smollm2-135m)")
+    parser.add_argument("--model", default=DEFAULT_MODEL, help="model alias or local HF directory")
     parser.add_argument("--depths", default="30,20,10", help="comma-separated layers kept, one group per depth")
     parser.add_argument("--strategy", default=None,
                         help="pruning strategy (default: best_overall of --pruning-results, else 'top')")

@@ -1,6 +1,6 @@
 """Experiment 1: which layer-pruning strategy is best, per task, before and after a fixed LoRA budget.
 
-  python scripts/exp_pruning_strategies.py --alpaca ../shared/data/alpaca_5000.json \
+  python scripts/exp_pruning_strategies.py --alpaca ../shared/data/alpaca_5000.json \\
       --gsm8k ../shared/data/gsm8k_train.jsonl --depths 20,15 --seeds 3
   python scripts/exp_pruning_strategies.py --smoke          # tiny random model + demo data, seconds
 
@@ -8,9 +8,10 @@ For every strategy x depth (layers kept of the model's L) x task: the held-out m
 and perplexity exp(loss) BEFORE fine-tuning, then for each seed a fresh LoRA (r, alpha) trained for exactly
 --steps AdamW steps of --batch-size examples (the seed picks the LoRA init, dropout and batch order) and evaluated
 AFTER. GSM8K also gets exact match of the number after '####' in a greedy completion on --gen test questions
-(after fine-tuning, and for the unpruned reference; only the latter with --gen-reference-only). Without --alpaca/--gsm8k both tasks use the built-in demo
-data. Writes results.csv, results.json, table.md and chart.png under --out. "Best" = lowest mean after-loss;
-the overall ranking is the average over (task, depth) of each strategy's rank.
+(after fine-tuning, and for the unpruned reference; only the latter with --gen-reference-only). Without
+--alpaca/--gsm8k both tasks use the built-in demo data. Writes results.csv, results.json, table.md and chart.png
+under --out. "Best" = lowest mean after-loss; the overall ranking is the average over (task, depth) of each
+strategy's rank.
 """
 
 from __future__ import annotations
@@ -26,14 +27,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _exp_common as common  # noqa: E402
 
+from prufed.cli_help import HelpFormatter  # noqa: E402
+from prufed.models import DEFAULT_MODEL  # noqa: E402
+
 COLUMNS = ("strategy", "depth", "task", "phase", "seed", "loss", "perplexity", "tokens", "exact_match", "steps",
            "train_loss_last", "seconds")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter,
                                      epilog="example: python scripts/exp_pruning_strategies.py --smoke")
-    parser.add_argument("--model", default=None, help="model alias or local HF dir (default smollm2-135m)")
+    parser.add_argument("--model", default=DEFAULT_MODEL, help="model alias or local HF directory")
     parser.add_argument("--strategies", default="all", help="comma-separated strategies, or 'all'")
     parser.add_argument("--depths", default="20,15", help="comma-separated numbers of layers to keep")
     parser.add_argument("--seeds", type=int, default=3, help="fine-tuning seeds per cell (0..N-1)")
