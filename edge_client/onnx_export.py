@@ -230,14 +230,24 @@ def parity(model: nn.Module, tokenizer, onnx_path: Path, prompts: Sequence[str] 
             "max_abs_logit": scale, "prompts": list(prompts)}
 
 
-def quantize_int8(src: Path, dst: Path) -> None:
-    """Dynamic int8 quantization of MatMul weights, one scale per output channel (activations per call).
+INT8_KEEP_FP32 = "/mlp/down_proj/"  #: MatMul nodes whose name holds this stay fp32 in the int8 copy
 
-    Per-channel scales measured on the 30-layer default model: held-out ppl drift +76% vs +98% per-tensor.
+
+def quantize_int8(src: Path, dst: Path) -> None:
+    """Dynamic int8 quantization of the MatMul weights, one scale per output channel, activations quantized per
+    call with one scale per tensor; the MLP down-projections stay fp32.
+
+    Why down_proj stays fp32: its input, the SwiGLU product, carries the few huge activation outliers of LLaMA-family
+    models, and one per-tensor activation scale then rounds every other channel to zero. Measured on the 30-layer
+    default model (6 held-out passages, 2 threads): quantizing every MatMul gives ppl +79% over fp32 at 0.50x its
+    prefill latency; keeping the 30 down_proj MatMuls fp32 gives ppl +7.7% at 0.60x prefill and 1.5x decode tokens/s.
     """
+    import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=True)
+    graph = onnx.load(str(src), load_external_data=False).graph
+    keep_fp32 = [node.name for node in graph.node if node.op_type == "MatMul" and INT8_KEEP_FP32 in node.name]
+    quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=True, nodes_to_exclude=keep_fp32)
 
 
 def sha256_file(path: Path) -> str:

@@ -16,6 +16,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import statistics
 import sys
 import time
@@ -29,6 +30,7 @@ from edge_client.corpus import heldout_texts
 from edge_client.model import load_model_dir, materialize_pruned, num_layers_of
 from edge_client.onnx_export import ExportSource, export_onnx
 from edge_client.onnx_generate import EXPORT_FILE, INT8_FILE, ONNX_FILE, OnnxDecoder
+from prufed.cli_help import HelpFormatter
 from prufed.models import DEFAULT_MODEL, resolve_model
 
 PREFILL_TARGET = 0.6  # ort prefill latency / torch prefill latency must be <= this
@@ -115,6 +117,7 @@ def bench_depth(args, depth: int, prompt_ids: list[int], ppl_rows: list[np.ndarr
     export_dir = args.workdir / f"top-{depth}"
     if not (export_dir / EXPORT_FILE).is_file() or not (export_dir / INT8_FILE).is_file():
         print(f"[depth {depth}] exporting to {export_dir}", file=sys.stderr)
+        shutil.rmtree(export_dir, ignore_errors=True)  # the bench's own scratch: an export without int8 is stale
         export_onnx(ExportSource(model_dir, plan, base_dir), export_dir, int8=True)
     info = json.loads((export_dir / EXPORT_FILE).read_text())
     kv_shape = (info["num_key_value_heads"], info["head_dim"])
@@ -145,7 +148,7 @@ def bench_depth(args, depth: int, prompt_ids: list[int], ppl_rows: list[np.ndarr
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=HelpFormatter)
     parser.add_argument("--model", default=DEFAULT_MODEL, help="model alias or directory (unpruned)")
     parser.add_argument("--depths", default="30,20,10", help="comma-separated kept-layer counts (top strategy)")
     parser.add_argument("--prompt-tokens", type=int, default=128, help="prefill length (batch 1)")

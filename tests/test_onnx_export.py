@@ -98,6 +98,18 @@ def test_export_writes_files_and_export_json(plain_export, tiny_model_dir):
     assert (out / "model.int8.onnx").stat().st_size < (out / "model.onnx").stat().st_size
 
 
+def test_int8_copy_keeps_only_the_down_projections_fp32(plain_export):
+    import onnx
+
+    out, _ = plain_export
+    nodes = onnx.load(str(out / "model.int8.onnx")).graph.node
+    float_matmuls = {n.name for n in nodes if n.op_type == "MatMul" and "_proj/" in n.name}
+    quantized = {n.name for n in nodes if n.op_type == "MatMulInteger"}
+    assert len(float_matmuls) == KEEP and all("/mlp/down_proj/" in name for name in float_matmuls)
+    # q, k, v, o, gate and up of every kept layer, plus the LM head, run on int8 weights
+    assert len(quantized) == 6 * KEEP + 1 and not any("down_proj" in name for name in quantized)
+
+
 def test_parity_dynamic_batch_with_left_padding(plain_export):
     """A batch of 3 (the export traced batch 2) with different padding; only real positions are compared."""
     out, info = plain_export
