@@ -300,10 +300,11 @@ def run_federation(name: str, config: SimulationConfig, model: str, clients: Seq
     (out / "aggregator.yaml").write_text(yaml.safe_dump(fed_yaml))
     db_path = out / "agg.db"
     # A previous run into the same --out left a finished federation behind: its agents' state dirs would resume
-    # as "done" against this fresh aggregator and never register, so every piece of run state goes.
+    # as "done" against this fresh aggregator and never register, and a killed run's SQLite -wal file would be
+    # replayed into the new database, so every piece of run state goes (agg.db, -wal, -shm, .blobs).
     for spec in clients:
         spec.state_dir = out / "clients" / str(spec.index) / "state"
-    for stale in (db_path, db_path.with_name("agg.db.blobs"), *(spec.state_dir for spec in clients)):
+    for stale in (*out.glob(f"{db_path.name}*"), *(spec.state_dir for spec in clients)):
         if stale.is_dir():
             shutil.rmtree(stale)
         elif stale.exists():

@@ -55,7 +55,8 @@ def test_smoke_simulation_writes_report(tmp_path, tiny_model_dir):
     assert (out / "loss_per_depth.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     # Running again into the same --out (`make demo` twice) starts a new federation instead of resuming the
-    # finished agents' state against a fresh aggregator.
+    # finished agents' state against a fresh aggregator; a stale SQLite journal from a killed run is not replayed.
+    (out / "agg.db-wal").write_bytes(b"stale journal of a killed run")
     again = subprocess.run(
         [sys.executable, "-m", "prufed", "simulate", "--smoke", "--model", str(tiny_model_dir), "--depths", "8,6,4",
          "--rounds", "1", "--data", str(tmp_path / "data.jsonl"), "--out", str(out), "--json"],
