@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.prufed-installed
 
-.PHONY: setup demo test protos check-protos clean
+.PHONY: setup demo test lint protos check-protos clean
 
 setup: $(STAMP)
 
@@ -21,7 +21,13 @@ $(STAMP): pyproject.toml
 demo: setup
 	$(BIN)/prufed simulate
 
-test: setup
+# ruff (lint + import order), mypy --strict on the cores and the contract, import-linter's layer contracts.
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+	$(BIN)/lint-imports --no-cache
+
+test: lint
 	$(BIN)/python -m pytest -n 2 --dist loadfile --durations=15
 
 protos: setup

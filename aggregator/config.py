@@ -12,9 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from prufed.errors import ConfigError
-from prufed.wire import CHUNK_CAP_BYTES, DEFAULT_CHUNK_BYTES
-
+from prufed.common.errors import ConfigError
+from prufed.common.wire import CHUNK_CAP_BYTES, DEFAULT_CHUNK_BYTES
 
 
 @dataclass(frozen=True)
@@ -125,7 +124,7 @@ class AggregatorConfig:
         return data
 
     @classmethod
-    def from_mapping(cls, data: Mapping[str, Any], source: str = "config") -> "AggregatorConfig":
+    def from_mapping(cls, data: Mapping[str, Any], source: str = "config") -> AggregatorConfig:
         known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
         unknown = sorted(set(data) - known)
         if unknown:

@@ -32,8 +32,8 @@ from sqlalchemy.engine import Connection
 
 from aggregator.config import AggregatorConfig
 from aggregator.store import Store, clients, federation, global_versions, rounds, uploads
-from prufed.errors import ConfigError, PrufedError
-from prufed.wire import SafetensorsHeaderError, canonical_safetensors, safetensors_index
+from prufed.common.errors import ConfigError, PrufedError
+from prufed.common.wire import SafetensorsHeaderError, canonical_safetensors, safetensors_index
 
 log = logging.getLogger("prufed.aggregator")
 
@@ -134,7 +134,7 @@ class Federation:
     # ---- federation setup -------------------------------------------------------------------------------------
     def initialize(self, model_dir: Path) -> int:
         """Record the base model and write global version 0 if absent (idempotent). Returns the latest version."""
-        from prufed.models import fingerprint_model_dir, read_model_config
+        from prufed.common.models import fingerprint_model_dir, read_model_config
 
         model_config = read_model_config(Path(model_dir))
         fingerprint = fingerprint_model_dir(Path(model_dir))
@@ -308,7 +308,7 @@ class Federation:
 
     def _validate_file(self, client_id: str, header: UploadHeaderInfo, path: Path) -> None:
         from aggregator.core.validate import UpdateRejected, validate_update
-        from prufed.adapter_format import DELTA_FORMAT, AdapterFormatError, load_adapter
+        from prufed.common.adapter_format import DELTA_FORMAT, AdapterFormatError, load_adapter
 
         try:
             actual = safetensors_index(path)
@@ -405,7 +405,7 @@ class Federation:
     def _close(self, round_id: int) -> bool:
         """Aggregate the round's uploads into global version base+1 and mark the round closed (idempotent)."""
         from aggregator.core.heteagg import HeteAggregator
-        from prufed.adapter_format import load_adapter
+        from prufed.common.adapter_format import load_adapter
 
         started = time.perf_counter()
         with self.store.read() as conn:
@@ -449,7 +449,7 @@ class Federation:
 
     # ---- globals ----------------------------------------------------------------------------------------------
     def _put_global(self, state: Mapping, num_layers: int, base_model: str, round_id: int) -> str:
-        from prufed.adapter_format import GLOBAL_FORMAT, AdapterMeta
+        from prufed.common.adapter_format import GLOBAL_FORMAT, AdapterMeta
 
         meta = AdapterMeta(GLOBAL_FORMAT, tuple(range(num_layers)), base_model, round_id, lora=self.config.lora())
         return self.store.blobs.put_bytes(canonical_safetensors(state, meta.to_strings()))
@@ -470,15 +470,15 @@ class Federation:
         return row
 
     def global_state(self, version: int | None = None) -> dict:
-        from prufed.adapter_format import load_adapter
+        from prufed.common.adapter_format import load_adapter
 
         row = self._version_row(version)
         return self._globals.get(row.sha256, lambda: load_adapter(self.store.blobs.path(row.blob))[0])
 
     def global_slice(self, kept_layers: Sequence[int], version: int | None = None) -> tuple[int, int, bytes]:
         """(version, round, safetensors bytes) of global `version` restricted to `kept_layers` (ORIGINAL keys)."""
-        from prufed.adapter_format import GLOBAL_FORMAT, AdapterMeta
-        from prufed.adapter_keys import keys_for_layers
+        from prufed.common.adapter_format import GLOBAL_FORMAT, AdapterMeta
+        from prufed.common.adapter_keys import keys_for_layers
 
         row = self._version_row(version)
         kept = tuple(int(i) for i in kept_layers)

@@ -23,9 +23,9 @@ from aggregator.config import AggregatorConfig
 from aggregator.rounds import Federation
 from aggregator.servicer import AggregatorServicer, bearer_token
 from aggregator.store import Store
-from prufed.errors import ConfigError
+from prufed.common.errors import ConfigError
+from prufed.common.wire import MESSAGE_CAP_BYTES
 from prufed.v1 import aggregator_pb2_grpc as pb_grpc
-from prufed.wire import MESSAGE_CAP_BYTES
 
 log = logging.getLogger("prufed.aggregator")
 

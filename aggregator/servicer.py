@@ -57,7 +57,7 @@ def caller_id(context: grpc.ServicerContext) -> str:
 def _domain_errors(method: Callable) -> Callable:
     """Turn a FederationError into its gRPC status, counting rejected uploads on the way."""
 
-    def wrapper(self: "AggregatorServicer", request, context):
+    def wrapper(self: AggregatorServicer, request, context):
         try:
             return method(self, request, context)
         except FederationError as exc:

@@ -19,11 +19,21 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from sqlalchemy import (
-    Column, Float, Integer, MetaData, String, Table, Text, UniqueConstraint, create_engine, event,
+    Column,
+    Float,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+    create_engine,
+    event,
 )
 from sqlalchemy.engine import Connection, Engine, make_url
 
-from prufed.errors import ConfigError
+from prufed.common.errors import ConfigError
+from prufed.common.fsio import fsync_dir
 
 metadata = MetaData()
 
@@ -99,7 +109,7 @@ class BlobStore:
         fd, name = tempfile.mkstemp(prefix=f"{os.getpid()}-", suffix=".part", dir=self.tmp_dir)
         return fd, Path(name)
 
-    def spool(self) -> "Spool":
+    def spool(self) -> Spool:
         """A background writer for an incoming stream (see `Spool`)."""
         fd, path = self.temp_file()
         return Spool(fd, path)
@@ -109,7 +119,7 @@ class BlobStore:
         target = self.path(sha256)
         target.parent.mkdir(exist_ok=True)
         os.replace(tmp_path, target)
-        _fsync_dir(target.parent)
+        fsync_dir(target.parent)
         return sha256
 
     def put_bytes(self, data: bytes) -> str:
@@ -213,14 +223,6 @@ class Spool:
         self._stop()
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class Store:

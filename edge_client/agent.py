@@ -41,7 +41,8 @@ from pathlib import Path
 
 from edge_client.backoff import BackoffPolicy
 from edge_client.core.pruning import DEFAULT_STRATEGY, PruningPlan
-from prufed.errors import ConfigError
+from prufed.common.errors import ConfigError
+from prufed.common.fsio import atomic_write_json
 
 STATE_FILE = "state.json"
 LOCK_FILE = ".lock"
@@ -85,15 +86,7 @@ class AgentConfig:
 # ---- persistence ------------------------------------------------------------------------------------------------
 def write_state(state_dir: Path, state: dict) -> None:
     """Atomically replace state.json (mode 0600): write a temp file, fsync, rename."""
-    path = state_dir / STATE_FILE
-    tmp = state_dir / f".{STATE_FILE}.{os.getpid()}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as out:
-        json.dump(state, out, indent=2, sort_keys=True)
-        out.write("\n")
-        out.flush()
-        os.fsync(out.fileno())
-    os.replace(tmp, path)
+    atomic_write_json(state_dir / STATE_FILE, state, mode=0o600)
 
 
 def read_state(state_dir: Path) -> dict | None:
@@ -137,7 +130,7 @@ def hardware_spec(config: AgentConfig):
 def plan_layers(config: AgentConfig, spec) -> tuple[PruningPlan, dict]:
     """The pruning plan: --depth N, or the deepest depth whose predicted training memory fits the budget."""
     from edge_client.layer_scores import plan_for_model, source_model_dir
-    from prufed.models import read_model_config
+    from prufed.common.models import read_model_config
 
     model_dir = source_model_dir(config.model)
     if config.depth == "auto":
@@ -212,7 +205,7 @@ class Agent:
     # -- steps --
     def register(self) -> None:
         from edge_client.transport import AggregatorClient
-        from prufed.models import fingerprint_model_dir, resolve_model
+        from prufed.common.models import fingerprint_model_dir, resolve_model
 
         if not self.config.enroll_token:
             raise ConfigError("--token", f"{self.dir / STATE_FILE} does not exist yet: the enrolment token is needed "

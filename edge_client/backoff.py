@@ -12,7 +12,7 @@ import random
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from prufed.errors import ConfigError
+from prufed.common.errors import ConfigError
 
 
 @dataclass(frozen=True)

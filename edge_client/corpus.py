@@ -17,7 +17,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
-from prufed.errors import PrufedError
+from prufed.common.errors import PrufedError
 
 SPLITS = ("calib", "heldout", "train")
 
@@ -84,7 +84,7 @@ def passages(split: str, count: int, max_chars: int = 800) -> list[str]:
         return []
     stride = max(1, len(pool) // count)
     texts: list[str] = []
-    for book, chapter, verses in pool[::stride][:count]:
+    for _book, _chapter, verses in pool[::stride][:count]:
         text = ""
         for verse in verses:
             if text and len(text) + len(verse.text) + 1 > max_chars:

@@ -7,7 +7,8 @@ Formats (JSON array or JSONL, detected from the first record's keys, or forced w
 
 Prompt template (Alpaca; the "### Input:" block is left out when the input is empty):
 
-    Below is an instruction that describes a task, paired with an input that provides further context. Write a response that appropriately completes the request.
+    Below is an instruction that describes a task, paired with an input that provides further context. Write a \
+    response that appropriately completes the request.
 
     ### Instruction:
     {instruction}
@@ -33,7 +34,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from prufed.errors import ConfigError
+from prufed.common.errors import ConfigError
 
 IGNORE_INDEX = -100
 FORMATS: dict[str, tuple[str, ...]] = {

@@ -14,7 +14,7 @@ import random
 
 from edge_client.corpus import SPLITS, chapters
 from edge_client.data import InstructionExample
-from prufed.errors import ConfigError
+from prufed.common.errors import ConfigError
 
 TASKS = ("book", "continue", "citation")
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from edge_client.core.hardware import HardwareProfile, HardwareSpec
 from edge_client.core.hardware import nearest_profile as _nearest
-from prufed.errors import ConfigError
+from prufed.common.errors import ConfigError
 
 PROFILES_ENV = "PRUFED_HARDWARE_PROFILES"
 

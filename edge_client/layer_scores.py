@@ -19,7 +19,7 @@ from torch import nn
 
 from edge_client.core.pruning import SCORED_STRATEGIES, LayerScores, PruningPlan, make_plan
 from edge_client.evaluate import pad_batch
-from prufed.errors import ConfigError
+from prufed.common.errors import ConfigError
 
 #: Calibration passages are cut at this many tokens; a few hundred tokens in all are enough to rank layers.
 CALIB_MAX_LEN = 256
@@ -132,7 +132,7 @@ def calibration_passages(calib_file: str | os.PathLike[str] | None = None) -> li
 def source_model_dir(spec: str | os.PathLike[str] | None) -> Path:
     """Resolve a model to prune; refuse an already pruned directory (plans index the ORIGINAL layers)."""
     from edge_client.model import read_plan
-    from prufed.models import resolve_model
+    from prufed.common.models import resolve_model
 
     model_dir = resolve_model(spec)
     if read_plan(model_dir) is not None:
@@ -154,7 +154,7 @@ def plan_for_model(
     Strategy, keep and protect are checked before any model is loaded.
     """
     from edge_client.model import load_base_model, num_layers_of
-    from prufed.models import DEFAULT_MODEL
+    from prufed.common.models import DEFAULT_MODEL
 
     model_dir = source_model_dir(model_dir_or_spec)
     source = str(model_dir_or_spec) if model_dir_or_spec is not None else DEFAULT_MODEL

@@ -7,6 +7,7 @@ Pruning a HF LLaMA-family model must fix, or a saved model reloads with silently
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -19,8 +20,8 @@ import torch
 from torch import nn
 
 from edge_client.core.pruning import PruningPlan
-from prufed.errors import ConfigError, ModelError
-from prufed.models import cache_root, check_model_dir, fingerprint_model_dir, resolve_model
+from prufed.common.errors import ConfigError, ModelError
+from prufed.common.models import cache_root, check_model_dir, fingerprint_model_dir, resolve_model
 
 PRUNING_FILE = "pruning.json"
 QUANT_MODES = ("nf4", "int8", "bf16", "fp32")
@@ -125,10 +126,8 @@ def materialize_pruned(model_spec: str | None, plan: PruningPlan) -> Path:
         prune_model(model, plan.kept_layers)
         save_pruned(model, tokenizer, plan, staging)
         (staging / "base-fingerprint.txt").write_text(fingerprint)
-        try:
+        with contextlib.suppress(OSError):  # another process won the race; its copy is identical
             os.replace(staging, target)
-        except OSError:  # another process won the race; its copy is identical
-            pass
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target

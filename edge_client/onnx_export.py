@@ -26,15 +26,21 @@ import torch
 from torch import nn
 
 from edge_client.core.pruning import DEFAULT_STRATEGY, PruningPlan
-from edge_client.model import (PRUNING_FILE, attach_lora, load_model_dir, materialize_pruned, num_layers_of,
-                               read_plan)
-from edge_client.onnx_generate import (EXPORT_FILE, INT8_FILE, ONNX_FILE, OnnxDecoder, left_pad, past_names,
-                                       position_ids_for)
-from prufed.adapter_format import GLOBAL_FORMAT, AdapterFormatError, AdapterMeta, load_adapter
-from prufed.adapter_keys import layer_of
-from prufed.errors import ConfigError, PrufedError
-from prufed.models import check_model_dir, fingerprint_model_dir, resolve_model
-from prufed.peft_bridge import load_adapter_state
+from edge_client.model import PRUNING_FILE, attach_lora, load_model_dir, materialize_pruned, num_layers_of, read_plan
+from edge_client.onnx_generate import (
+    EXPORT_FILE,
+    INT8_FILE,
+    ONNX_FILE,
+    OnnxDecoder,
+    left_pad,
+    past_names,
+    position_ids_for,
+)
+from prufed.common.adapter_format import GLOBAL_FORMAT, AdapterFormatError, AdapterMeta, load_adapter
+from prufed.common.adapter_keys import layer_of
+from prufed.common.errors import ConfigError, PrufedError
+from prufed.common.models import check_model_dir, fingerprint_model_dir, resolve_model
+from prufed.common.peft_bridge import load_adapter_state
 
 EXPORT_FORMAT = "prufed-onnx/1"
 DEFAULT_OPSET = 17

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from prufed.errors import ConfigError
+from prufed.common.errors import ConfigError
 
 ONNX_FILE = "model.onnx"
 INT8_FILE = "model.int8.onnx"

@@ -27,8 +27,9 @@ from pathlib import Path
 
 from edge_client.core.pruning import DEFAULT_STRATEGY, STRATEGIES, PruningPlan
 from edge_client.data import FORMATS, InstructionExample
-from prufed.errors import ConfigError
-from prufed.models import DEFAULT_MODEL
+from prufed.common.errors import ConfigError
+from prufed.common.fsio import atomic_path, atomic_write_json
+from prufed.common.models import DEFAULT_MODEL
 
 CHECKPOINT_DIR = "checkpoint"
 CHECKPOINT_FILE = "state.pt"
@@ -171,7 +172,7 @@ def resolve_plan(config: TrainConfig, quant: str) -> tuple[PruningPlan, dict]:
     """The pruning plan of this run and how its depth was chosen."""
     from edge_client.layer_scores import plan_for_model, source_model_dir
     from edge_client.model import num_layers_of
-    from prufed.models import read_model_config
+    from prufed.common.models import read_model_config
 
     source = source_model_dir(config.model)
     num_layers = num_layers_of(source)
@@ -222,10 +223,8 @@ def _save_checkpoint(path: Path, state: dict) -> None:
     """torch.save to a temp file beside `path`, then rename: a kill leaves the old or the new file, never half."""
     import torch
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
 
 
 def _load_checkpoint(path: Path, config: TrainConfig, data_key: str) -> dict:
@@ -245,7 +244,14 @@ def _load_checkpoint(path: Path, config: TrainConfig, data_key: str) -> dict:
 
 def _progress(enabled: bool):
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     console = Console(stderr=True)
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -306,9 +312,9 @@ def train_local(
     from edge_client.data import batch_indices, tokenize_examples
     from edge_client.evaluate import pad_batch
     from edge_client.model import attach_lora, load_model_dir, materialize_pruned, resolve_quant
-    from prufed.adapter_format import DELTA_FORMAT, GLOBAL_FORMAT, AdapterMeta, load_adapter, save_adapter
-    from prufed.models import fingerprint_model_dir, resolve_model
-    from prufed.peft_bridge import adapter_state, load_adapter_state
+    from prufed.common.adapter_format import DELTA_FORMAT, GLOBAL_FORMAT, AdapterMeta, load_adapter, save_adapter
+    from prufed.common.models import fingerprint_model_dir, resolve_model
+    from prufed.common.peft_bridge import adapter_state, load_adapter_state
 
     wall_start = time.perf_counter()
     out = Path(out_dir)
@@ -451,8 +457,6 @@ def train_local(
         "wall_time_s": time.perf_counter() - wall_start,
         "update_path": str(update_path), "config": asdict(config),
     }
-    tmp = out / f".{METRICS_FILE}.tmp"
-    tmp.write_text(json.dumps(metrics, indent=2) + "\n")
-    os.replace(tmp, out / METRICS_FILE)
+    atomic_write_json(out / METRICS_FILE, metrics)
     return TrainResult(update_path=update_path, metrics=metrics, num_examples=len(rows))
 

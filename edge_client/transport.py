@@ -10,19 +10,24 @@ import hashlib
 import json
 import os
 import tempfile
-from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
 
-from prufed.errors import PrufedError
+from prufed.common.errors import PrufedError
+from prufed.common.wire import (
+    CHUNK_CAP_BYTES,
+    DEFAULT_CHUNK_BYTES,
+    MESSAGE_CAP_BYTES,
+    canonical_safetensors,
+    iter_chunks,
+    safetensors_index,
+)
 from prufed.v1 import aggregator_pb2 as pb
 from prufed.v1 import aggregator_pb2_grpc as pb_grpc
-from prufed.wire import (
-    CHUNK_CAP_BYTES, DEFAULT_CHUNK_BYTES, MESSAGE_CAP_BYTES, canonical_safetensors, iter_chunks, safetensors_index,
-)
 
 TRANSIENT_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
 
@@ -111,7 +116,7 @@ class AggregatorClient:
     def close(self) -> None:
         self.channel.close()
 
-    def __enter__(self) -> "AggregatorClient":
+    def __enter__(self) -> AggregatorClient:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -161,7 +166,7 @@ class AggregatorClient:
 
         Bytes are checked against the header's size and sha256; with `out_path` the file is also kept there.
         """
-        from prufed.adapter_format import load_adapter
+        from prufed.common.adapter_format import load_adapter
 
         request = pb.DownloadRequest(version=version) if version is not None else pb.DownloadRequest()
 
@@ -196,7 +201,7 @@ class AggregatorClient:
                       kept_layers: Sequence[int], *, base_model: str = "") -> Receipt:
         """Stream an update (a delta file, or tensors that are first written as one) and return the receipt."""
         if isinstance(update, Mapping):
-            from prufed.adapter_format import DELTA_FORMAT, AdapterMeta
+            from prufed.common.adapter_format import DELTA_FORMAT, AdapterMeta
 
             # canonical bytes: the same tensors always give the same sha256, so a retried upload is a duplicate
             meta = AdapterMeta(DELTA_FORMAT, tuple(kept_layers), base_model, round, num_examples)

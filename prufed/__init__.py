@@ -1,7 +1,7 @@
 """PruFed: heterogeneous federated fine-tuning of layer-pruned LLMs.
 
-The `prufed` package holds what the edge agent and the aggregator share: the adapter key scheme and file
-format, model resolution (the offline default model), the wire stubs, and the `prufed` CLI.
+`prufed.common` and `prufed.v1` are the contract that `edge_client` and `aggregator` share; `prufed.cli` and
+`prufed.simulation` sit on top of both (docs/architecture.md).
 """
 
 __version__ = "0.1.0"

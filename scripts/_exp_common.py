@@ -132,7 +132,7 @@ def model_dir_for(args) -> Path:
 
 def run_cli(run: Callable[[], int]) -> int:
     """Run a script body; a `PrufedError` (bad flag, missing file) becomes one `error:` line and exit code 2."""
-    from prufed.errors import PrufedError
+    from prufed.common.errors import PrufedError
 
     try:
         return run()

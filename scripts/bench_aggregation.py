@@ -87,7 +87,7 @@ def setup(args):
     import torch
 
     from aggregator.core.init_adapter import initial_global_adapter
-    from prufed.adapter_keys import keys_for_layers
+    from prufed.common.adapter_keys import keys_for_layers
 
     global_state = initial_global_adapter(model_config(args), r=args.rank, alpha=2 * args.rank,
                                           targets=("q_proj", "v_proj"), seed=0)

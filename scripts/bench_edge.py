@@ -28,7 +28,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from prufed.cli_help import HelpFormatter
+from prufed.cli.help import HelpFormatter
 
 PLANNER_TOLERANCE = 0.15
 STEP_SLACK = 0.15
@@ -150,7 +150,7 @@ def main(argv=None) -> int:
 
     from edge_client.core.pruning import make_plan
     from edge_client.model import materialize_pruned, num_layers_of
-    from prufed.models import read_model_config, resolve_model
+    from prufed.common.models import read_model_config, resolve_model
 
     base = resolve_model(args.model)
     full = num_layers_of(base)

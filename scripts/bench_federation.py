@@ -47,7 +47,7 @@ def main() -> int:
     if args.report:
         report = json.loads(Path(args.report).read_text())
     else:
-        from prufed.simulate import SimulationConfig, simulate
+        from prufed.simulation.run import SimulationConfig, simulate
 
         depths = tuple(int(d) for d in args.depths.split(","))
         report = simulate(SimulationConfig(out=Path(args.sim_out), clients=len(depths), rounds=args.rounds,

@@ -24,10 +24,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import _exp_common as common  # noqa: E402
+import _exp_common as common
 
-from prufed.cli_help import HelpFormatter  # noqa: E402
-from prufed.models import DEFAULT_MODEL  # noqa: E402
+from prufed.cli.help import HelpFormatter
+from prufed.common.models import DEFAULT_MODEL
 
 MEASURED_COLUMNS = ("depth", "quant", "tokens_per_s", "step_seconds", "peak_rss_mib", "estimate_mib",
                     "speed_vs_full", "rss_vs_full")
@@ -51,7 +51,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--model-dir", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     from edge_client.model import resolve_quant
-    from prufed.errors import ConfigError
+    from prufed.common.errors import ConfigError
 
     if args.smoke:
         args.steps, args.seq_len = 2, 32
@@ -118,7 +118,7 @@ def planner_rows(model_configs: dict[str, dict], setup) -> list[dict]:
 
     from edge_client.core.memory import choose_depth, estimate_memory
     from edge_client.hardware_profiles import load_profiles
-    from prufed.errors import PrufedError
+    from prufed.common.errors import PrufedError
 
     rows = []
     for name, profile in sorted(load_profiles().items()):
@@ -184,8 +184,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(args: argparse.Namespace) -> int:
     from edge_client.core.memory import TrainingSetup, estimate_memory
-    from prufed.errors import ConfigError, PrufedError
-    from prufed.models import read_model_config
+    from prufed.common.errors import ConfigError, PrufedError
+    from prufed.common.models import read_model_config
 
     started = time.time()
     model_dir = common.model_dir_for(args)

@@ -30,8 +30,8 @@ from edge_client.corpus import heldout_texts
 from edge_client.model import load_model_dir, materialize_pruned, num_layers_of
 from edge_client.onnx_export import ExportSource, export_onnx
 from edge_client.onnx_generate import EXPORT_FILE, INT8_FILE, ONNX_FILE, OnnxDecoder
-from prufed.cli_help import HelpFormatter
-from prufed.models import DEFAULT_MODEL, resolve_model
+from prufed.cli.help import HelpFormatter
+from prufed.common.models import DEFAULT_MODEL, resolve_model
 
 PREFILL_TARGET = 0.6  # ort prefill latency / torch prefill latency must be <= this
 DECODE_TARGET = 1.5  # ort decode tokens/s / torch decode tokens/s must be >= this
@@ -135,7 +135,7 @@ def bench_depth(args, depth: int, prompt_ids: list[int], ppl_rows: list[np.ndarr
         print(f"[depth {depth}] {name}", file=sys.stderr)
         decoder = OnnxDecoder(export_dir / file, depth, kv_shape, threads=args.threads)
         rows[name] = {**measure(ort_runner(decoder), prompt, args.new_tokens, args.repeats),
-                      "ppl": perplexity(lambda ids: decoder(ids, np.ones_like(ids))[0], ppl_rows),
+                      "ppl": perplexity(lambda ids, d=decoder: d(ids, np.ones_like(ids))[0], ppl_rows),
                       "size_mb": (export_dir / file).stat().st_size / 2**20}
     ref = rows["torch-fp32"]
     for row in rows.values():

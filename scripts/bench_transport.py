@@ -34,7 +34,7 @@ def serve(kind: str, workdir: Path, clients: int) -> None:
 
     import grpc
 
-    from prufed.wire import MESSAGE_CAP_BYTES
+    from prufed.common.wire import MESSAGE_CAP_BYTES
 
     if kind == "raw":
         def upload(request_iterator, context):
@@ -88,7 +88,7 @@ def peak_rss_mib(pid: int) -> float:
 
 
 def start(kind: str, workdir: Path, clients: int) -> tuple[subprocess.Popen, str]:
-    log = open(workdir / f"{kind}.log", "w")  # the aggregator's JSON logs carry per-upload stage timings
+    log = open(workdir / f"{kind}.log", "w")  # noqa: SIM115 -- the child owns it for its lifetime; the aggregator's JSON logs carry per-upload stage timings
     proc = subprocess.Popen([sys.executable, __file__, "--serve", kind, "--workdir", str(workdir),
                              "--clients", str(clients)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log,
                             text=True)
@@ -119,8 +119,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from aggregator.core.init_adapter import initial_global_adapter
     from edge_client.transport import AggregatorClient
-    from prufed.adapter_format import DELTA_FORMAT, AdapterMeta
-    from prufed.wire import MESSAGE_CAP_BYTES, canonical_safetensors, iter_chunks
+    from prufed.common.adapter_format import DELTA_FORMAT, AdapterMeta
+    from prufed.common.wire import MESSAGE_CAP_BYTES, canonical_safetensors, iter_chunks
 
     layers = list(range(LLAMA7B["num_hidden_layers"]))
     with tempfile.TemporaryDirectory(prefix="bench-transport-") as tmp:

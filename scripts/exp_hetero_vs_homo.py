@@ -27,10 +27,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import _exp_common as common  # noqa: E402
+import _exp_common as common
 
-from prufed.cli_help import HelpFormatter  # noqa: E402
-from prufed.models import DEFAULT_MODEL  # noqa: E402
+from prufed.cli.help import HelpFormatter
+from prufed.common.models import DEFAULT_MODEL
 
 COLUMNS = ("run", "depth", "round", "seed", "loss", "perplexity", "tokens", "exact_match", "clients", "seconds")
 
@@ -70,7 +70,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
     args = parser.parse_args(argv)
     from edge_client.core.pruning import STRATEGIES
-    from prufed.errors import ConfigError
+    from prufed.common.errors import ConfigError
 
     if args.smoke:
         args.seeds, args.rounds, args.local_steps, args.batch_size, args.heldout = 1, 2, 2, 2, 4
@@ -120,14 +120,14 @@ class DepthModels:
                        for d, plan in plans.items()}
 
     def load(self, depth: int, state: dict):
-        from prufed.peft_bridge import load_adapter_state
+        from prufed.common.peft_bridge import load_adapter_state
 
         model = self.models[depth]
         load_adapter_state(model, state, self.plans[depth].kept_layers)
         return model
 
     def local_state(self, depth: int) -> dict:
-        from prufed.peft_bridge import adapter_state
+        from prufed.common.peft_bridge import adapter_state
 
         return adapter_state(self.models[depth], self.plans[depth].kept_layers)
 
@@ -292,8 +292,8 @@ def run(args: argparse.Namespace) -> int:
     from edge_client.core.pruning import SCORED_STRATEGIES, make_plan
     from edge_client.layer_scores import calibration_passages, compute_layer_scores
     from edge_client.model import DEFAULT_LORA_TARGETS, load_base_model
-    from prufed.errors import ConfigError
-    from prufed.models import read_model_config
+    from prufed.common.errors import ConfigError
+    from prufed.common.models import read_model_config
 
     started = time.time()
     model_dir = common.model_dir_for(args)

@@ -25,10 +25,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import _exp_common as common  # noqa: E402
+import _exp_common as common
 
-from prufed.cli_help import HelpFormatter  # noqa: E402
-from prufed.models import DEFAULT_MODEL  # noqa: E402
+from prufed.cli.help import HelpFormatter
+from prufed.common.models import DEFAULT_MODEL
 
 COLUMNS = ("strategy", "depth", "task", "phase", "seed", "loss", "perplexity", "tokens", "exact_match", "steps",
            "train_loss_last", "seconds")
@@ -60,7 +60,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
     args = parser.parse_args(argv)
     from edge_client.core.pruning import STRATEGIES
-    from prufed.errors import ConfigError
+    from prufed.common.errors import ConfigError
 
     if args.smoke:
         args.seeds, args.steps, args.batch_size, args.heldout, args.gen, args.max_new_tokens = 1, 2, 2, 4, 2, 8
@@ -184,7 +184,7 @@ def run(args: argparse.Namespace) -> int:
     from edge_client.core.pruning import SCORED_STRATEGIES, make_plan
     from edge_client.layer_scores import calibration_passages, compute_layer_scores
     from edge_client.model import attach_lora, load_base_model
-    from prufed.errors import ConfigError
+    from prufed.common.errors import ConfigError
 
     started = time.time()
     model_dir = common.model_dir_for(args)

@@ -20,7 +20,7 @@ from edge_client.corpus import heldout_texts
 from edge_client.evaluate import perplexity
 from edge_client.layer_scores import calibration_passages, compute_layer_scores, source_model_dir
 from edge_client.model import load_base_model, prune_model
-from prufed.models import DEFAULT_MODEL
+from prufed.common.models import DEFAULT_MODEL
 
 
 def main(argv: list[str] | None = None) -> int:

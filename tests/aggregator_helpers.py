@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from prufed.adapter_keys import keys_for_layers
+from prufed.common.adapter_keys import keys_for_layers
 
 ENROLL = "enroll-secret-123"
 REPO = Path(__file__).resolve().parent.parent

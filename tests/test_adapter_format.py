@@ -10,10 +10,17 @@ from conftest import build_tiny_llama
 from safetensors.torch import save_file
 
 from aggregator.core.init_adapter import initial_global_adapter
-from prufed.adapter_format import (DELTA_FORMAT, GLOBAL_FORMAT, AdapterFormatError, AdapterMeta, load_adapter,
-                                   read_meta, save_adapter)
-from prufed.adapter_keys import KeySchemeError, layers_of_keys, to_original_keys, to_pruned_keys
-from prufed.peft_bridge import adapter_state, load_adapter_state
+from prufed.common.adapter_format import (
+    DELTA_FORMAT,
+    GLOBAL_FORMAT,
+    AdapterFormatError,
+    AdapterMeta,
+    load_adapter,
+    read_meta,
+    save_adapter,
+)
+from prufed.common.adapter_keys import KeySchemeError, layers_of_keys, to_original_keys, to_pruned_keys
+from prufed.common.peft_bridge import adapter_state, load_adapter_state
 
 TARGETS = ("q_proj", "v_proj")
 
@@ -66,7 +73,7 @@ def test_unreadable_files(tmp_path):
 
 
 def test_atomic_save_keeps_old_file_on_failure(tmp_path, monkeypatch):
-    import prufed.adapter_format as fmt
+    import prufed.common.adapter_format as fmt
 
     path = tmp_path / "g.safetensors"
     first = {"a.layers.0.b": torch.ones(2)}

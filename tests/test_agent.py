@@ -10,6 +10,7 @@ private data appearing nowhere the aggregator could see it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -67,10 +68,8 @@ class RecordingProxy:
             pass
         finally:
             for s in (src, dst):
-                try:
+                with contextlib.suppress(OSError):
                     s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
 
     def close(self):
         self.listener.close()
@@ -134,7 +133,7 @@ def test_three_depths_two_rounds_kill_resume_and_no_data_on_the_wire(tmp_path, t
     from aggregator.config import AggregatorConfig
     from aggregator.rounds import Federation, read_status
     from aggregator.store import Store, uploads
-    from prufed.adapter_keys import layer_of
+    from prufed.common.adapter_keys import layer_of
 
     config = write_yaml_config(tmp_path / "agg.yaml", rounds=2, min_clients=3, max_steps=2, seq_len=256,
                                retry_after_s=0.2, deadline_s=300.0)
@@ -230,7 +229,7 @@ def test_state_file_is_atomic_and_private(tmp_path):
 
 
 def test_corrupt_state_names_the_flag(tmp_path):
-    from prufed.errors import ConfigError
+    from prufed.common.errors import ConfigError
 
     (tmp_path / STATE_FILE).write_text("{not json")
     with pytest.raises(ConfigError, match="--state-dir"):

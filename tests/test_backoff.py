@@ -5,7 +5,7 @@ import random
 import pytest
 
 from edge_client.backoff import BackoffPolicy
-from prufed.errors import ConfigError
+from prufed.common.errors import ConfigError
 
 
 def test_windows_double_then_cap():

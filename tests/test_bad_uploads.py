@@ -10,12 +10,12 @@ from pathlib import Path
 import grpc
 import pytest
 import torch
-
 from aggregator_helpers import ENROLL, make_delta, start_inprocess
+
 from edge_client.transport import AggregatorClient, FatalError
-from prufed.adapter_format import DELTA_FORMAT, GLOBAL_FORMAT, AdapterMeta, save_adapter
+from prufed.common.adapter_format import DELTA_FORMAT, GLOBAL_FORMAT, AdapterMeta, save_adapter
+from prufed.common.wire import safetensors_index
 from prufed.v1 import aggregator_pb2 as pb
-from prufed.wire import safetensors_index
 
 # The tests share one server and run in file order (the last checks what all the others left behind), so under
 # pytest-xdist they must stay on one worker: the Makefile runs with --dist loadfile.

@@ -11,8 +11,8 @@ from conftest import build_tiny_llama
 import prufed.cli
 from aggregator.core.heteagg import AggregationConfig, aggregate
 from aggregator.core.init_adapter import initial_global_adapter
-from prufed.adapter_format import DELTA_FORMAT, GLOBAL_FORMAT, AdapterMeta, load_adapter, save_adapter
-from prufed.adapter_keys import keys_for_layers, layer_of
+from prufed.common.adapter_format import DELTA_FORMAT, GLOBAL_FORMAT, AdapterMeta, load_adapter, save_adapter
+from prufed.common.adapter_keys import keys_for_layers, layer_of
 
 BASE = "sha256:tiny-base"
 LORA = {"r": 4, "alpha": 8, "targets": ["q_proj", "v_proj"]}
@@ -22,7 +22,7 @@ CLIENTS = {"deep": ((0, 1, 2, 3, 4), 12), "shallow": ((0, 2, 4), 5)}  # layers 5
 def train_delta(global_state: dict, kept: tuple[int, ...], seed: int) -> dict[str, torch.Tensor]:
     """A few AdamW steps of LoRA on a pruned tiny LLaMA started from the global slice; returns local − global."""
     from edge_client.model import attach_lora, prune_model
-    from prufed.peft_bridge import adapter_state, load_adapter_state
+    from prufed.common.peft_bridge import adapter_state, load_adapter_state
 
     model = attach_lora(prune_model(build_tiny_llama(8, seed=0), kept), r=LORA["r"], alpha=LORA["alpha"], dropout=0.0)
     load_adapter_state(model, global_state, kept)
@@ -55,7 +55,7 @@ def files(tmp_path_factory):
 
 
 def run(argv, monkeypatch, capsys):
-    monkeypatch.setattr(prufed.cli, "COMMAND_MODULES", ("aggregator.cli_aggregate",))
+    monkeypatch.setattr(prufed.cli, "COMMAND_MODULES", ("prufed.cli.aggregate",))
     code = prufed.cli.main(["aggregate", *map(str, argv)])
     out, err = capsys.readouterr()
     return code, out, err

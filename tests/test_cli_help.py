@@ -39,7 +39,7 @@ def test_help_shows_defaults_without_noise(command, capsys):
 
 
 def test_simulate_smoke_sizes_yield_to_explicit_flags(tiny_model_dir):
-    from prufed.cli_simulate import DEFAULT_SIZES, SMOKE_SIZES, build_config
+    from prufed.cli.simulate import DEFAULT_SIZES, SMOKE_SIZES, build_config
 
     parser = build_parser()
     model = ["--model", str(tiny_model_dir), "--depths", "2,1"]

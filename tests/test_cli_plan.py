@@ -16,7 +16,7 @@ GIB = 2**30
 @pytest.fixture(autouse=True)
 def only_plan_commands(monkeypatch):
     """The real `prufed` entry point, registering only this module's commands (others may still be in progress)."""
-    monkeypatch.setattr(cli, "COMMAND_MODULES", ("edge_client.cli_plan",))
+    monkeypatch.setattr(cli, "COMMAND_MODULES", ("prufed.cli.plan",))
 
 
 def main(argv):

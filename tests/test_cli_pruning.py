@@ -17,7 +17,7 @@ from edge_client.model import load_base_model, read_plan
 @pytest.fixture(autouse=True)
 def only_pruning_commands(monkeypatch):
     """Parse only this module's commands, so these tests do not depend on the other command modules."""
-    monkeypatch.setattr(prufed.cli, "COMMAND_MODULES", ("edge_client.cli_pruning",))
+    monkeypatch.setattr(prufed.cli, "COMMAND_MODULES", ("prufed.cli.pruning",))
 
 
 def run(capsys, *argv) -> tuple[int, str, str]:
@@ -58,7 +58,7 @@ def test_layers_json_lists_scores_and_every_strategy(tiny_model_dir, capsys):
     report = json.loads(stdout)
     assert report["num_layers"] == 8 and report["keep"] == 5  # round(2/3 * 8)
     assert [row["layer"] for row in report["layers"]] == list(range(8))
-    assert all(0 < row["magnitude"] and 0 <= row["contribution"] <= 2 for row in report["layers"])
+    assert all(row["magnitude"] > 0 and 0 <= row["contribution"] <= 2 for row in report["layers"])
     assert set(report["plans"]) == set(STRATEGIES)
     for strategy in ("top", "symmetric", "even-alternate"):
         assert report["plans"][strategy]["kept_layers"] == list(make_plan(strategy, 8, 5).kept_layers)
@@ -143,7 +143,7 @@ def test_unknown_strategy_is_an_argparse_error(tiny_model_dir, tmp_path, capsys)
 def test_default_model_converts_prunes_and_reloads(tmp_path, capsys):
     from transformers import AutoModelForCausalLM
 
-    from prufed.models import DEFAULT_MODEL, resolve_model
+    from prufed.common.models import DEFAULT_MODEL, resolve_model
 
     base_dir = resolve_model()  # converts the GGUF into this session's cache on first use
     assert (base_dir / "config.json").is_file()
@@ -179,6 +179,6 @@ def test_eval_on_an_instruction_file_scores_response_tokens(tiny_model_dir, tmp_
     rows = tokenize_examples(load_examples(data), tokenizer, 256)
     assert len(rows) == 2
     expected = masked_loss(model, batched(rows, tokenizer.pad_token_id, 4))
-    assert report["tokens"] == expected.tokens == sum(sum(l != -100 for l in r["labels"][1:]) for r in rows)
+    assert report["tokens"] == expected.tokens == sum(sum(label != -100 for label in r["labels"][1:]) for r in rows)
     assert report["loss"] == pytest.approx(expected.loss, rel=1e-6)
     assert report["kept_layers"] is None

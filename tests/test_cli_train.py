@@ -9,13 +9,13 @@ import torch
 
 import prufed.cli
 from edge_client.core.pruning import make_plan
-from prufed.adapter_format import DELTA_FORMAT, load_adapter
+from prufed.common.adapter_format import DELTA_FORMAT, load_adapter
 
 
 @pytest.fixture(autouse=True)
 def only_train_command(monkeypatch):
     """Parse only this module's command, so these tests do not depend on the other command modules."""
-    monkeypatch.setattr(prufed.cli, "COMMAND_MODULES", ("edge_client.cli_train",))
+    monkeypatch.setattr(prufed.cli, "COMMAND_MODULES", ("prufed.cli.train",))
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +109,7 @@ def test_argparse_rejects_unknown_choices(tiny_model_dir, tmp_path, capsys):
 def test_depth_auto_with_a_small_budget_chooses_a_shallow_model(tmp_path, capsys):
     """The real default model with a budget that fits only part of it: the planner's depth is what trains."""
     from edge_client.core.memory import TrainingSetup, plan_depth
-    from prufed.models import read_model_config, resolve_model
+    from prufed.common.models import read_model_config, resolve_model
 
     model_config = read_model_config(resolve_model("smollm2-135m"))
     setup = TrainingSetup(seq_len=160, batch=1, quant="nf4")

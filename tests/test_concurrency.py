@@ -8,8 +8,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
-
 from aggregator_helpers import ENROLL, fast_config, start_inprocess
+
 from edge_client.transport import AggregatorClient
 
 CLIENTS = 200

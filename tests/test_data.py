@@ -19,7 +19,7 @@ from edge_client.data import (
     tokenize_examples,
 )
 from edge_client.demo_data import build_demo_examples
-from prufed.errors import ConfigError
+from prufed.common.errors import ConfigError
 
 ALPACA = [
     {"instruction": "Name a colour.", "input": "", "output": "Blue"},

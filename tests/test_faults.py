@@ -10,13 +10,13 @@ import time
 
 import pytest
 import torch
+from aggregator_helpers import ENROLL, ServerProcess, fast_config, make_delta, start_inprocess, write_yaml_config
 from sqlalchemy import select
 
-from aggregator_helpers import ENROLL, ServerProcess, fast_config, make_delta, start_inprocess, write_yaml_config
 from edge_client.transport import AggregatorClient, TransientError
-from prufed.adapter_format import DELTA_FORMAT, AdapterMeta
+from prufed.common.adapter_format import DELTA_FORMAT, AdapterMeta
+from prufed.common.wire import canonical_safetensors
 from prufed.v1 import aggregator_pb2 as pb
-from prufed.wire import canonical_safetensors
 
 A_LAYERS, B_LAYERS = list(range(8)), [0, 3, 7]
 A_EXAMPLES, B_EXAMPLES = 11, 23
@@ -149,7 +149,7 @@ def _global0(tmp_path, model_dir) -> dict:
 
 def _vanish_mid_upload(client: AggregatorClient, path) -> None:
     """Send the header and one chunk, then cancel the call as a dying device would."""
-    from prufed.wire import safetensors_index
+    from prufed.common.wire import safetensors_index
 
     data = path.read_bytes()
     sent, release = threading.Event(), threading.Event()
@@ -185,7 +185,7 @@ def test_two_replicas_race_to_close(tmp_path, tiny_model_dir, procs):
         clients.append(client)
     for round_id in (1, 2):
         for i, (client, layers) in enumerate(zip(clients, layer_sets)):
-            task = wait_for(lambda c=client: (t := c.pull_task()).kind == "task" and t.round == round_id and t)
+            task = wait_for(lambda c=client, r=round_id: (t := c.pull_task()).kind == "task" and t.round == r and t)
             tensors, _meta, version = client.download_global()
             assert version == task.global_version == round_id - 1
             delta = {k: torch.full_like(v, 0.01 * (i + 1)) for k, v in tensors.items()}

@@ -13,8 +13,8 @@ from hypothesis import strategies as st
 from aggregator.core.heteagg import AggregationConfig, AggregationError, HeteAggregator, aggregate
 from aggregator.core.init_adapter import initial_global_adapter
 from aggregator.core.robust import trim_count
-from prufed.adapter_keys import keys_for_layers, layer_of
-from prufed.errors import ConfigError
+from prufed.common.adapter_keys import keys_for_layers, layer_of
+from prufed.common.errors import ConfigError
 
 NUM_LAYERS = 6
 CONFIG = {"hidden_size": 8, "num_attention_heads": 2, "num_key_value_heads": 1, "intermediate_size": 16,
@@ -182,7 +182,7 @@ def test_product_space_is_exact_when_the_average_has_rank_r():
     g = global_adapter(6, r=2)
     gen = torch.Generator().manual_seed(0)
     updates = []
-    for i, n in enumerate([3, 5, 9]):
+    for n in [3, 5, 9]:
         d = {k: torch.zeros_like(v) for k, v in g.items() if layer_of(k) in (0, 1)}
         for k in d:
             if ".lora_B." in k:

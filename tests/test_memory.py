@@ -8,9 +8,8 @@ from importlib import resources
 import pytest
 
 from edge_client.core import memory as mem
-from edge_client.core.memory import (BudgetTooSmall, ModelShape, TrainingSetup, choose_depth, estimate_memory,
-                                     plan_depth)
-from prufed.errors import ConfigError, PrufedError
+from edge_client.core.memory import BudgetTooSmall, ModelShape, TrainingSetup, choose_depth, estimate_memory, plan_depth
+from prufed.common.errors import ConfigError, PrufedError
 
 GIB = 2**30
 # The tiny LLaMA of tests/conftest.py: h=64, I=128, 4 heads of 16, 2 KV heads, V=256, tied, 8 layers.

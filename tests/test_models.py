@@ -8,9 +8,9 @@ import shutil
 import pytest
 from conftest import save_tiny_model
 
-import prufed.models as models
-from prufed.errors import ModelError
-from prufed.models import fingerprint_model_dir, resolve_model
+import prufed.common.models as models
+from prufed.common.errors import ModelError
+from prufed.common.models import fingerprint_model_dir, resolve_model
 
 
 def assert_one_line(error: pytest.ExceptionInfo, *fragments: str) -> None:

@@ -11,13 +11,12 @@ import torch
 
 from edge_client.core.pruning import make_plan
 from edge_client.model import attach_lora, load_base_model, load_model_dir, prune_model, read_plan, save_pruned
-from edge_client.onnx_export import (FP32_TOLERANCE, ExportError, export_onnx, read_global_adapter,
-                                     resolve_source)
+from edge_client.onnx_export import FP32_TOLERANCE, ExportError, export_onnx, read_global_adapter, resolve_source
 from edge_client.onnx_generate import OnnxDecoder, OnnxGenerator, SamplingConfig, left_pad, position_ids_for
-from prufed.adapter_format import DELTA_FORMAT, GLOBAL_FORMAT, AdapterMeta, save_adapter
-from prufed.errors import ConfigError
-from prufed.models import fingerprint_model_dir
-from prufed.peft_bridge import adapter_state, load_adapter_state
+from prufed.common.adapter_format import DELTA_FORMAT, GLOBAL_FORMAT, AdapterMeta, save_adapter
+from prufed.common.errors import ConfigError
+from prufed.common.models import fingerprint_model_dir
+from prufed.common.peft_bridge import adapter_state, load_adapter_state
 
 KEEP = 5
 PROMPTS = ["Let there be light", "In the beginning God created the heaven and the earth, and", "Amen"]

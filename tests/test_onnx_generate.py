@@ -12,7 +12,7 @@ import pytest
 
 from edge_client.onnx_generate import OnnxGenerator, SamplingConfig, next_tokens
 from prufed.cli import main
-from prufed.errors import ConfigError
+from prufed.common.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT = "And God said"
@@ -34,7 +34,7 @@ def _python(code: str, *, env_extra: dict | None = None) -> subprocess.Completed
 
 def test_import_boundary_has_no_torch():
     result = _python(
-        "import sys; import edge_client.onnx_generate, edge_client.cli_onnx, prufed.cli; "
+        "import sys; import edge_client.onnx_generate, prufed.cli.onnx, prufed.cli; "
         "import onnxruntime, tokenizers, jinja2; "
         "bad = sorted(m for m in ('torch', 'transformers', 'peft') if m in sys.modules); "
         "assert not bad, bad; print('ok')"

@@ -5,7 +5,7 @@ import random
 import pytest
 
 from edge_client.core.partition import dirichlet, dirichlet_split, label_skew
-from prufed.errors import ConfigError
+from prufed.common.errors import ConfigError
 
 
 def _categories(count=600, kinds=12, seed=0):

@@ -16,7 +16,7 @@ from edge_client.model import (
     read_plan,
     save_pruned,
 )
-from prufed.errors import ConfigError
+from prufed.common.errors import ConfigError
 
 KEPT = (0, 2, 3, 6, 7)
 PROMPT = torch.tensor([[5, 17, 42, 99, 7, 64]])

@@ -17,7 +17,7 @@ from edge_client.core.pruning import (
     make_plan,
     parse_protect,
 )
-from prufed.errors import ConfigError
+from prufed.common.errors import ConfigError
 
 
 def kept_without(num_layers: int, dropped) -> list[int]:
@@ -210,7 +210,7 @@ def test_positional_invariants(data, num_layers, strategy):
     kept = list(plan.kept_layers)
     assert kept == sorted(set(kept))
     assert len(kept) == keep
-    assert 0 <= kept[0] and kept[-1] < num_layers
+    assert kept[0] >= 0 and kept[-1] < num_layers
     if strategy == "top-alternate":
         assert kept[-1] == num_layers - 1
     if strategy == "symmetric" and keep >= 2:

@@ -9,12 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from aggregator_helpers import fast_config, make_delta
+
 from aggregator.rounds import DONE, TASK, WAIT, Federation, FederationError, UploadHeaderInfo, sample_clients
 from aggregator.store import Store
-from aggregator_helpers import fast_config, make_delta
-from prufed.adapter_format import DELTA_FORMAT, AdapterMeta
-from prufed.errors import ConfigError
-from prufed.wire import canonical_safetensors, safetensors_index
+from prufed.common.adapter_format import DELTA_FORMAT, AdapterMeta
+from prufed.common.errors import ConfigError
+from prufed.common.wire import canonical_safetensors, safetensors_index
 
 
 class Clock:

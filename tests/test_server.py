@@ -10,13 +10,20 @@ import time
 import grpc
 import pytest
 import torch
-
 from aggregator_helpers import (
-    ENROLL, REPO, ServerProcess, fast_config, make_delta, self_signed_cert, start_inprocess, write_yaml_config,
+    ENROLL,
+    REPO,
+    ServerProcess,
+    fast_config,
+    make_delta,
+    self_signed_cert,
+    start_inprocess,
+    write_yaml_config,
 )
+
 from edge_client.transport import AggregatorClient, FatalError, TransientError
-from prufed.adapter_keys import keys_for_layers, layers_of_keys
-from prufed.errors import ConfigError
+from prufed.common.adapter_keys import keys_for_layers, layers_of_keys
+from prufed.common.errors import ConfigError
 
 
 def wait_for(predicate, timeout=20.0, interval=0.05):
@@ -131,12 +138,11 @@ def test_tls_and_mtls(tmp_path, tiny_model_dir):
     try:
         with AggregatorClient(f"localhost:{port}", tls_ca=cert, client_cert=(client_cert, client_key)) as ok:
             assert ok.register(ENROLL, [0, 1]).client_id
-        with AggregatorClient(f"localhost:{port}", tls_ca=cert, timeout_s=5) as no_client_cert:
-            with pytest.raises(TransientError):
-                no_client_cert.register(ENROLL, [0, 1])
-        with AggregatorClient(f"localhost:{port}", timeout_s=5) as plaintext:
-            with pytest.raises(TransientError):
-                plaintext.register(ENROLL, [0, 1])
+        with AggregatorClient(f"localhost:{port}", tls_ca=cert, timeout_s=5) as no_client_cert, \
+                pytest.raises(TransientError):
+            no_client_cert.register(ENROLL, [0, 1])
+        with AggregatorClient(f"localhost:{port}", timeout_s=5) as plaintext, pytest.raises(TransientError):
+            plaintext.register(ENROLL, [0, 1])
     finally:
         server.stop(grace=1)
         store.dispose()

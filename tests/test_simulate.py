@@ -10,7 +10,7 @@ import time
 import pytest
 from aggregator_helpers import REPO
 
-from prufed.simulate import build_report, table_rows, FederationRun, SimulationConfig
+from prufed.simulation.run import FederationRun, SimulationConfig, build_report, table_rows
 
 
 def _data(path):

@@ -13,7 +13,7 @@ import sqlalchemy
 from sqlalchemy import insert, select
 
 from aggregator.store import Store, federation, uploads
-from prufed.errors import ConfigError
+from prufed.common.errors import ConfigError
 
 INCREMENT = """
 import sys
@@ -55,10 +55,9 @@ def test_failed_transaction_rolls_back_everything(tmp_path):
     row = dict(round=1, client_id="c", sha256="s", bytes=1, num_examples=1, blob="b", accepted_at=0.0)
     with store.write() as conn:
         conn.execute(insert(uploads).values(id="u1", **row))
-    with pytest.raises(sqlalchemy.exc.IntegrityError):
-        with store.write() as conn:
-            conn.execute(insert(federation).values(key="side-effect", value="x"))
-            conn.execute(insert(uploads).values(id="u2", **row))  # UNIQUE(round, client_id)
+    with pytest.raises(sqlalchemy.exc.IntegrityError), store.write() as conn:
+        conn.execute(insert(federation).values(key="side-effect", value="x"))
+        conn.execute(insert(uploads).values(id="u2", **row))  # UNIQUE(round, client_id)
     with store.read() as conn:
         assert conn.execute(select(federation)).fetchall() == []
         assert [r.id for r in conn.execute(select(uploads))] == ["u1"]

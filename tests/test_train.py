@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from edge_client.train import TrainConfig, lr_factor, train_local
-from prufed.adapter_format import DELTA_FORMAT, load_adapter
-from prufed.adapter_keys import keys_for_layers, layers_of_keys
-from prufed.errors import ConfigError
-from prufed.models import fingerprint_model_dir
+from prufed.common.adapter_format import DELTA_FORMAT, load_adapter
+from prufed.common.adapter_keys import keys_for_layers, layers_of_keys
+from prufed.common.errors import ConfigError
+from prufed.common.models import fingerprint_model_dir
 
 WORDS = ["cat", "dog", "sun", "tree", "moon", "fish", "bird", "rain"]
 
@@ -39,7 +39,7 @@ def config(model_dir, data, **overrides) -> TrainConfig:
 def full_depth_adapter(model_dir, seed: int = 7) -> dict[str, torch.Tensor]:
     """An ORIGINAL-keyed full-depth adapter with non-zero A and B (what a server would send after a round)."""
     from edge_client.model import attach_lora, load_base_model
-    from prufed.peft_bridge import adapter_state
+    from prufed.common.peft_bridge import adapter_state
 
     model, _ = load_base_model(model_dir)
     model = attach_lora(model, r=8, alpha=16)

@@ -8,8 +8,8 @@ import torch
 from aggregator.core.heteagg import HeteAggregator
 from aggregator.core.init_adapter import initial_global_adapter
 from aggregator.core.validate import UpdateRejected, validate_update
-from prufed.adapter_keys import keys_for_layers, with_layer
-from prufed.errors import PrufedError
+from prufed.common.adapter_keys import keys_for_layers, with_layer
+from prufed.common.errors import PrufedError
 
 CONFIG = {"hidden_size": 16, "num_attention_heads": 2, "intermediate_size": 32, "num_hidden_layers": 4}
 KEPT = (0, 2)

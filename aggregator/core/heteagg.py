@@ -10,7 +10,7 @@ mode="fedavg" is the same formula but demands that every update holds the identi
 Streaming: `add` folds one update into per-key running sums, so peak memory is the global adapter, the
 accumulators and the update being added, for any number of clients.
 
-Precision (chosen from measurement, scripts/bench_aggregation.py and ARCHITECTURE.md): accumulators are float64.
+Precision (chosen from measurement, scripts/bench_aggregation.py and docs/architecture.md): accumulators are float64.
 An update's float32 values are staged chunk-wise through a 256 KiB float64 buffer and added (`copy_` + `add_`);
 on 200 MB tensors a direct mixed-dtype `acc64.add_(x32)` is 3-4x slower, and float32 Kahan summation needs 7
 passes (measured 1.5-3x slower than this). w_k·Δ_k is exact in float64 (24-bit mantissa × integer < 2^29) and the
@@ -32,13 +32,14 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 from aggregator.core.product import lora_modules, refactor, relative_error
 from aggregator.core.robust import clip_scale, trimmed_mean, update_norm
-from prufed.adapter_keys import layer_of
-from prufed.errors import ConfigError, PrufedError
+from prufed.common.adapter_keys import layer_of
+from prufed.common.errors import ConfigError, PrufedError
 
 WEIGHTINGS = ("examples", "uniform")
 MODES = ("heteagg", "fedavg")
@@ -91,7 +92,7 @@ class AggregationResult:
 
     state: dict[str, torch.Tensor]
     holders: dict[str, int]
-    report: dict = field(default_factory=dict)
+    report: dict[str, Any] = field(default_factory=dict)
 
 
 def _accumulate(acc: torch.Tensor, value: torch.Tensor, alpha: float, stage: torch.Tensor) -> None:
@@ -299,7 +300,7 @@ class HeteAggregator:
                 errors[module] = relative_error(self._target(module, a_key, b_key), approx)
         return errors
 
-    def _base_report(self) -> dict:
+    def _base_report(self) -> dict[str, Any]:
         layers: dict[int, int] = {}
         for key, count in self._holders.items():
             layer = layer_of(key)

@@ -10,15 +10,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 
-from prufed.errors import ConfigError
+from prufed.common.errors import ConfigError
 
 KEY_TEMPLATE = "base_model.model.model.layers.{layer}.{block}.{module}.lora_{factor}.weight"
 
 
-def module_shapes(model_config: Mapping) -> dict[str, tuple[str, int, int]]:
+def module_shapes(model_config: Mapping[str, Any]) -> dict[str, tuple[str, int, int]]:
     """{target module: (block, out_features, in_features)} of a LLaMA-family decoder layer."""
     try:
         hidden = int(model_config["hidden_size"])
@@ -39,7 +40,7 @@ def module_shapes(model_config: Mapping) -> dict[str, tuple[str, int, int]]:
     }
 
 
-def initial_global_adapter(model_config: Mapping, r: int, alpha: float, targets: Sequence[str],
+def initial_global_adapter(model_config: Mapping[str, Any], r: int, alpha: float, targets: Sequence[str],
                            seed: int) -> dict[str, torch.Tensor]:
     """Full-depth ORIGINAL-keyed LoRA init (fp32, CPU), deterministic in `seed`.
 

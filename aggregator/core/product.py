@@ -10,7 +10,7 @@ from collections.abc import Iterable
 
 import torch
 
-from prufed.errors import PrufedError
+from prufed.common.errors import PrufedError
 
 A_TAG, B_TAG = ".lora_A.", ".lora_B."
 

@@ -12,8 +12,8 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from prufed.adapter_keys import keys_for_layers, layer_of, layers_of_keys
-from prufed.errors import PrufedError
+from prufed.common.adapter_keys import keys_for_layers, layer_of, layers_of_keys
+from prufed.common.errors import PrufedError
 
 #: Rejection codes, one per fault class (the servicer maps each to a status).
 CODES = ("bad_num_examples", "bad_kept_layers", "wrong_keys", "bad_shape", "bad_dtype", "non_finite")
@@ -63,7 +63,7 @@ def validate_update(update: Mapping[str, torch.Tensor], *, kept_layers: Sequence
         if missing:
             parts.append(f"{len(missing)} missing: {_sample(missing)}")
         if extra:
-            foreign = sorted({layer_of(k) for k in extra if layer_of(k) is not None and layer_of(k) not in layers})
+            foreign = sorted({layer for k in extra if (layer := layer_of(k)) is not None and layer not in layers})
             where = f" (layers {foreign} are not in kept_layers)" if foreign else ""
             parts.append(f"{len(extra)} unexpected{where}: {_sample(extra)}")
         raise UpdateRejected("wrong_keys", "; ".join(parts))

@@ -14,8 +14,9 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
-from prufed.errors import ConfigError
+from prufed.common.errors import ConfigError
 
 ACCELERATORS = ("cuda", "cpu")
 QUANT_MODES = ("nf4", "int8", "bf16", "fp32")  # same names as edge_client.model.QUANT_MODES (kept torch-free here)
@@ -74,7 +75,7 @@ class HardwareSpec:
         """available_memory_bytes × budget_fraction, rounded down."""
         return int(self.available_memory_bytes * self.budget_fraction)
 
-    def to_json_dict(self) -> dict:
+    def to_json_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["budget_bytes"] = self.budget_bytes
         return data
@@ -142,7 +143,7 @@ class HardwareProfile:
             fail("sources", f"names unknown figure(s) {unknown}; figures are {', '.join(PROFILE_FIGURES)}")
 
     @classmethod
-    def from_mapping(cls, data: object, origin: str = "") -> "HardwareProfile":
+    def from_mapping(cls, data: object, origin: str = "") -> HardwareProfile:
         """Validate a parsed YAML document; unknown or missing fields are errors naming the field and `origin`."""
         where = origin or "hardware profile"
         if not isinstance(data, Mapping):
@@ -198,8 +199,8 @@ def nearest_profile(spec: HardwareSpec, profiles: Iterable[HardwareProfile]) -> 
     """Name of the profile closest to `spec`: same accelerator, then same unified_memory, then the smallest
     |memory_gib − total memory| (ties: the smaller profile). None when `profiles` is empty."""
     candidates = list(profiles)
-    for same in (lambda p: p.accelerator == spec.accelerator, lambda p: p.unified_memory == spec.unified_memory):
-        narrowed = [p for p in candidates if same(p)]
+    for key in ("accelerator", "unified_memory"):
+        narrowed = [p for p in candidates if getattr(p, key) == getattr(spec, key)]
         candidates = narrowed or candidates
     if not candidates:
         return None

@@ -33,8 +33,9 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
+from typing import Any
 
-from prufed.errors import ConfigError, PrufedError
+from prufed.common.errors import ConfigError, PrufedError
 
 MIB = 2**20
 GIB = 2**30
@@ -92,7 +93,7 @@ class ModelShape:
     num_hidden_layers: int
 
     @classmethod
-    def from_config(cls, config: Mapping) -> "ModelShape":
+    def from_config(cls, config: Mapping[str, Any]) -> ModelShape:
         required = ("hidden_size", "intermediate_size", "num_attention_heads", "vocab_size", "num_hidden_layers")
         missing = [key for key in required if key not in config]
         if missing:
@@ -178,7 +179,7 @@ class MemoryBreakdown:
     def total_bytes(self) -> int:
         return sum(getattr(self, item.name) for item in fields(self))
 
-    def to_json_dict(self) -> dict:
+    def to_json_dict(self) -> dict[str, Any]:
         return {**asdict(self), "total_bytes": self.total_bytes}
 
     def mib(self) -> dict[str, float]:
@@ -195,7 +196,7 @@ class DepthPlan:
     budget_bytes: int
     totals: tuple[int, ...]  #: totals[i] = predicted bytes at depth i + 1
 
-    def to_json_dict(self) -> dict:
+    def to_json_dict(self) -> dict[str, Any]:
         return {"depth": self.depth, "budget_bytes": self.budget_bytes, "breakdown": self.breakdown.to_json_dict(),
                 "totals_by_depth": {str(i + 1): total for i, total in enumerate(self.totals)}}
 
@@ -212,7 +213,7 @@ class BudgetTooSmall(PrufedError):
         )
 
 
-def checkpoint_bytes_per_param(model_config: Mapping) -> int:
+def checkpoint_bytes_per_param(model_config: Mapping[str, Any]) -> int:
     """Bytes per parameter of the checkpoint on disk: config `dtype` (transformers 5) or `torch_dtype`; 2 if unset."""
     dtype = str(model_config.get("dtype") or model_config.get("torch_dtype") or "bfloat16")
     return 4 if dtype in ("float32", "torch.float32") else 2
@@ -234,7 +235,7 @@ def activation_elements_per_token(shape: ModelShape, targets: tuple[str, ...]) -
             + A_LORA * sum(shape.linear_dims()[t][0] for t in targets))
 
 
-def estimate_memory(model_config: Mapping, depth: int, setup: TrainingSetup) -> MemoryBreakdown:
+def estimate_memory(model_config: Mapping[str, Any], depth: int, setup: TrainingSetup) -> MemoryBreakdown:
     """Predicted peak training memory (bytes) with `depth` kept decoder layers."""
     shape = ModelShape.from_config(model_config)
     if not 1 <= depth <= shape.num_hidden_layers:
@@ -281,7 +282,7 @@ def estimate_memory(model_config: Mapping, depth: int, setup: TrainingSetup) -> 
     )
 
 
-def plan_depth(model_config: Mapping, budget_bytes: int, setup: TrainingSetup) -> DepthPlan:
+def plan_depth(model_config: Mapping[str, Any], budget_bytes: int, setup: TrainingSetup) -> DepthPlan:
     """The deepest depth whose predicted peak is <= budget_bytes (totals grow with depth, so the first misfit
     ends the search). Raises `BudgetTooSmall` when depth 1 does not fit."""
     if isinstance(budget_bytes, bool) or budget_bytes < 0:
@@ -296,6 +297,6 @@ def plan_depth(model_config: Mapping, budget_bytes: int, setup: TrainingSetup) -
     return DepthPlan(depth=depth, breakdown=breakdowns[depth - 1], budget_bytes=int(budget_bytes), totals=totals)
 
 
-def choose_depth(model_config: Mapping, budget_bytes: int, setup: TrainingSetup) -> int:
+def choose_depth(model_config: Mapping[str, Any], budget_bytes: int, setup: TrainingSetup) -> int:
     """Deepest kept depth that fits `budget_bytes` (raises `BudgetTooSmall`, a PrufedError, if none does)."""
     return plan_depth(model_config, budget_bytes, setup).depth

@@ -13,7 +13,7 @@ import random
 from collections import Counter
 from collections.abc import Sequence
 
-from prufed.errors import ConfigError
+from prufed.common.errors import ConfigError
 
 
 def dirichlet(alpha: float, size: int, rng: random.Random) -> list[float]:

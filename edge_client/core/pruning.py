@@ -12,8 +12,9 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
-from prufed.errors import ConfigError
+from prufed.common.errors import ConfigError
 
 POSITIONAL_STRATEGIES = ("top", "bottom", "even-alternate", "odd-alternate", "top-alternate", "symmetric")
 SCORED_STRATEGIES = ("magnitude", "contribution", "angular-block")
@@ -72,7 +73,7 @@ class PruningPlan:
         except ValueError:
             raise KeyError(f"layer {original_index} was dropped by this plan") from None
 
-    def to_json_dict(self) -> dict:
+    def to_json_dict(self) -> dict[str, Any]:
         """The `pruning.json` document: strategy, kept_layers, source_num_layers, source_model."""
         data = asdict(self)
         data["kept_layers"] = list(self.kept_layers)
@@ -83,7 +84,7 @@ class PruningPlan:
         return json.dumps(self.to_json_dict(), indent=2)
 
     @classmethod
-    def from_json_dict(cls, data: dict) -> "PruningPlan":
+    def from_json_dict(cls, data: dict[str, Any]) -> PruningPlan:
         missing = {"strategy", "kept_layers", "source_num_layers"} - set(data)
         if missing:
             raise ConfigError("pruning.json", f"missing field(s) {sorted(missing)}")

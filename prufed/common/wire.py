@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import json
 import struct
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
 
 TensorIndex = tuple[tuple[str, tuple[int, ...], str], ...]
 """Sorted (name, shape, safetensors dtype tag) triples: what an upload header declares."""
@@ -50,7 +54,7 @@ def iter_chunks(path: str | Path, chunk_size: int) -> Iterator[bytes]:
             yield block
 
 
-def canonical_safetensors(tensors, metadata: dict[str, str] | None = None) -> bytes:
+def canonical_safetensors(tensors: Mapping[str, torch.Tensor], metadata: dict[str, str] | None = None) -> bytes:
     """Safetensors bytes that depend only on the content: sorted names, sorted-key JSON header.
 
     `safetensors.torch.save` orders metadata by a per-process random hash, so identical content can hash
@@ -61,7 +65,7 @@ def canonical_safetensors(tensors, metadata: dict[str, str] | None = None) -> by
     tags = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
             torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
             torch.bool: "BOOL"}
-    header: dict = {"__metadata__": dict(metadata)} if metadata else {}
+    header: dict[str, Any] = {"__metadata__": dict(metadata)} if metadata else {}
     blobs, offset = [], 0
     for name in sorted(tensors):
         tensor = tensors[name].detach().cpu().contiguous()

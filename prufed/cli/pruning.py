@@ -10,12 +10,15 @@ import json
 from pathlib import Path
 
 from edge_client.core.pruning import DEFAULT_STRATEGY, STRATEGIES, parse_protect
-from prufed.errors import ConfigError
-from prufed.models import DEFAULT_MODEL
-from prufed.cli_help import HelpFormatter
+from prufed.cli.help import HelpFormatter
+from prufed.common.errors import ConfigError
+from prufed.common.models import DEFAULT_MODEL
 
 MODEL_HELP = f"model alias ({DEFAULT_MODEL}) or a local Hugging Face LLaMA-family directory"
-CALIB_HELP = "plain-text calibration file for scored strategies (passages separated by blank lines); default: built-in KJV calibration split"
+CALIB_HELP = (
+    "plain-text calibration file for scored strategies (passages separated by blank lines); "
+    "default: built-in KJV calibration split"
+)
 
 
 def register(subparsers) -> None:
@@ -207,7 +210,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     _check_file("--data", args.data)
     from edge_client.evaluate import batched, masked_loss, perplexity
     from edge_client.model import load_base_model, read_plan
-    from prufed.models import resolve_model
+    from prufed.common.models import resolve_model
 
     model_dir = resolve_model(args.model)
     plan = read_plan(model_dir)

@@ -11,8 +11,8 @@ import json
 import sys
 from pathlib import Path
 
-from prufed.errors import ConfigError, PrufedError
-from prufed.cli_help import HelpFormatter
+from prufed.cli.help import HelpFormatter
+from prufed.common.errors import ConfigError, PrufedError
 
 
 def register(subparsers) -> None:
@@ -59,7 +59,7 @@ def _progress():
 def _check_update(path: Path, global_state, global_meta):
     """(tensors, meta) of a usable update; raises UpdateRejected naming why it is not."""
     from aggregator.core.validate import UpdateRejected, validate_update
-    from prufed.adapter_format import DELTA_FORMAT, AdapterFormatError, load_adapter
+    from prufed.common.adapter_format import DELTA_FORMAT, AdapterFormatError, load_adapter
 
     try:
         tensors, meta = load_adapter(path)
@@ -77,7 +77,7 @@ def _check_update(path: Path, global_state, global_meta):
 def cmd_aggregate(args: argparse.Namespace) -> int:
     from aggregator.core.heteagg import AggregationConfig, HeteAggregator
     from aggregator.core.validate import UpdateRejected
-    from prufed.adapter_format import GLOBAL_FORMAT, AdapterMeta, load_adapter, save_adapter
+    from prufed.common.adapter_format import GLOBAL_FORMAT, AdapterMeta, load_adapter, save_adapter
 
     config = AggregationConfig(weighting=args.weighting, mode=args.mode, space=args.space, server_lr=args.server_lr,
                                clip_norm=args.clip_norm, trim_fraction=args.trim_fraction)

@@ -9,9 +9,9 @@ import json
 from pathlib import Path
 
 from edge_client.core.pruning import DEFAULT_STRATEGY, STRATEGIES, parse_protect
-from prufed.errors import ConfigError
-from prufed.models import DEFAULT_MODEL
-from prufed.cli_help import HelpFormatter
+from prufed.cli.help import HelpFormatter
+from prufed.common.errors import ConfigError
+from prufed.common.models import DEFAULT_MODEL
 
 FORMAT_CHOICES = ("alpaca", "dolly", "gsm8k")
 QUANT_CHOICES = ("auto", "nf4", "int8", "bf16", "fp32")

@@ -1,10 +1,10 @@
-"""Adapter files: safetensors with ORIGINAL-layer keys (see `prufed.adapter_keys`) and typed metadata.
+"""Adapter files: safetensors with ORIGINAL-layer keys (see `prufed.common.adapter_keys`) and typed metadata.
 
 Metadata (all safetensors metadata values are strings):
   format        `prufed-adapter/1` (a global adapter) or `prufed-delta/1` (a client update Δ = local − global)
   num_examples  decimal integer > 0 (updates only)
   kept_layers   JSON list of ORIGINAL layer indices the tensors cover
-  base_model    fingerprint of the base model (`prufed.models.fingerprint_model_dir`)
+  base_model    fingerprint of the base model (`prufed.common.models.fingerprint_model_dir`)
   round         decimal integer, the federation round the tensors belong to
   lora          optional JSON {"r", "alpha", "targets"} so a reader can rebuild the PEFT config
 """
@@ -13,16 +13,17 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from prufed.errors import PrufedError
+from prufed.common.errors import PrufedError
+from prufed.common.fsio import atomic_path
 
 GLOBAL_FORMAT = "prufed-adapter/1"
 DELTA_FORMAT = "prufed-delta/1"
@@ -42,8 +43,8 @@ class AdapterMeta:
     base_model: str = ""
     round: int = 0
     num_examples: int | None = None
-    lora: dict = field(default_factory=dict)
-    extra: dict = field(default_factory=dict)
+    lora: dict[str, Any] = field(default_factory=dict)  # LoRA hyper-parameters (r, alpha, targets)
+    extra: dict[str, str] = field(default_factory=dict)
 
     def to_strings(self) -> dict[str, str]:
         meta = {
@@ -60,7 +61,7 @@ class AdapterMeta:
         return meta
 
     @classmethod
-    def from_strings(cls, meta: Mapping[str, str] | None, source: str = "adapter") -> "AdapterMeta":
+    def from_strings(cls, meta: Mapping[str, str] | None, source: str = "adapter") -> AdapterMeta:
         meta = dict(meta or {})
         fmt = meta.pop("format", None)
         if fmt not in FORMATS:
@@ -95,16 +96,9 @@ class AdapterMeta:
 def save_adapter(path: str | os.PathLike[str], tensors: Mapping[str, torch.Tensor], meta: AdapterMeta) -> Path:
     """Write tensors + metadata atomically (temp file in the same directory, then rename)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     contiguous = {key: value.detach().contiguous().cpu() for key, value in sorted(tensors.items())}
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(contiguous, tmp_name, metadata=meta.to_strings())
-        os.replace(tmp_name, path)
-    finally:
-        if os.path.exists(tmp_name):
-            os.unlink(tmp_name)
+    with atomic_path(path) as tmp:
+        save_file(contiguous, str(tmp), metadata=meta.to_strings())
     return path
 
 

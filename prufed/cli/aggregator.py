@@ -6,8 +6,8 @@ import json
 import sys
 from pathlib import Path
 
-from prufed.errors import ConfigError
-from prufed.cli_help import HelpFormatter
+from prufed.cli.help import HelpFormatter
+from prufed.common.errors import ConfigError
 
 SERVE_EPILOG = """example:
   prufed aggregator serve --listen 127.0.0.1:50051 --db sqlite:///runs/agg.db --model smollm2-135m \\
@@ -85,7 +85,7 @@ def serve_command(args) -> int:
     from aggregator.config import load_config
     from aggregator.server import TLSConfig, configure_json_logging, create_server
     from aggregator.store import Store
-    from prufed.models import resolve_model
+    from prufed.common.models import resolve_model
 
     if (args.tls_cert is None) != (args.tls_key is None):
         raise ConfigError("--tls-cert", "--tls-cert and --tls-key must be given together")

@@ -12,7 +12,7 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import TypeVar
 
-from prufed.errors import PrufedError
+from prufed.common.errors import PrufedError
 
 LAYER_PATTERN = re.compile(r"(?<=\.layers\.)(\d+)(?=\.)")
 T = TypeVar("T")

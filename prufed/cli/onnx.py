@@ -12,9 +12,9 @@ import sys
 from pathlib import Path
 
 from edge_client.core.pruning import DEFAULT_STRATEGY, STRATEGIES
-from prufed.errors import ConfigError
-from prufed.models import DEFAULT_MODEL
-from prufed.cli_help import HelpFormatter
+from prufed.cli.help import HelpFormatter
+from prufed.common.errors import ConfigError
+from prufed.common.models import DEFAULT_MODEL
 
 MODEL_HELP = f"model alias ({DEFAULT_MODEL}) or a local Hugging Face LLaMA-family directory (the UNPRUNED base)"
 
@@ -137,7 +137,7 @@ def _generate_torch(args: argparse.Namespace, config) -> str:
     import torch
 
     from edge_client.model import load_model_dir
-    from prufed.models import resolve_model
+    from prufed.common.models import resolve_model
 
     if args.threads:
         torch.set_num_threads(args.threads)

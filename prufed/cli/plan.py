@@ -14,9 +14,9 @@ from pathlib import Path
 
 from edge_client.core.memory import ACCELERATORS, MIB, OPTIMIZERS, QUANT_MODES, TARGET_SHAPES
 from edge_client.core.pruning import DEFAULT_STRATEGY, POSITIONAL_STRATEGIES, STRATEGIES
-from prufed.errors import ConfigError
-from prufed.models import DEFAULT_MODEL
-from prufed.cli_help import HelpFormatter
+from prufed.cli.help import HelpFormatter
+from prufed.common.errors import ConfigError
+from prufed.common.models import DEFAULT_MODEL
 
 GIB = 2**30
 BUILTIN_PACKAGE = "edge_client.builtin_configs"
@@ -114,7 +114,7 @@ def load_plan_config(model: str | None, config: str | None) -> tuple[str, dict]:
             return str(config), json.loads(path.read_text())
         except json.JSONDecodeError as exc:
             raise ConfigError("--config", f"{path} is not valid JSON ({exc.msg})") from None
-    from prufed.models import default_model_dir, read_model_config
+    from prufed.common.models import default_model_dir, read_model_config
 
     spec = model or DEFAULT_MODEL
     if spec == DEFAULT_MODEL:

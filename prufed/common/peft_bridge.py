@@ -5,11 +5,12 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 import torch
+from torch import nn
 
-from prufed.adapter_keys import KeySchemeError, to_original_keys, to_pruned_keys
+from prufed.common.adapter_keys import KeySchemeError, to_original_keys, to_pruned_keys
 
 
-def adapter_state(peft_model, kept_layers: Sequence[int]) -> dict[str, torch.Tensor]:
+def adapter_state(peft_model: nn.Module, kept_layers: Sequence[int]) -> dict[str, torch.Tensor]:
     """The LoRA tensors of `peft_model` (pruned to `kept_layers`), keyed by ORIGINAL layer index, on CPU fp32."""
     from peft import get_peft_model_state_dict
 
@@ -17,7 +18,7 @@ def adapter_state(peft_model, kept_layers: Sequence[int]) -> dict[str, torch.Ten
     return {key: value.detach().to("cpu", torch.float32).clone() for key, value in to_original_keys(state, kept_layers).items()}
 
 
-def load_adapter_state(peft_model, original_state: Mapping[str, torch.Tensor], kept_layers: Sequence[int]) -> None:
+def load_adapter_state(peft_model: nn.Module, original_state: Mapping[str, torch.Tensor], kept_layers: Sequence[int]) -> None:
     """Load the kept-layer slice of an ORIGINAL-keyed adapter into `peft_model`; every LoRA tensor must be set."""
     from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
@@ -30,5 +31,6 @@ def load_adapter_state(peft_model, original_state: Mapping[str, torch.Tensor], k
             f"{len(unexpected)} unexpected (e.g. {unexpected[:2]})"
         )
     result = set_peft_model_state_dict(peft_model, dict(pruned))
-    if getattr(result, "unexpected_keys", None):
-        raise KeySchemeError(f"PEFT refused adapter keys: {result.unexpected_keys[:3]}")
+    refused = list(getattr(result, "unexpected_keys", None) or [])
+    if refused:
+        raise KeySchemeError(f"PEFT refused adapter keys: {refused[:3]}")

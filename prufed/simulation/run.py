@@ -34,7 +34,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from edge_client.core.pruning import DEFAULT_STRATEGY
-from prufed.errors import ConfigError, PrufedError
+from prufed.common.errors import ConfigError, PrufedError
 
 REPO = Path(__file__).resolve().parent.parent
 CHILD_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -268,7 +268,7 @@ class DepthEvaluator:
         import torch
 
         from edge_client.evaluate import batched, masked_loss
-        from prufed.peft_bridge import load_adapter_state
+        from prufed.common.peft_bridge import load_adapter_state
 
         key, (peft, rows, pad) = self._get(plan_dict)
         load_adapter_state(peft, global_state, key)
@@ -428,7 +428,7 @@ def round_row(status_round: dict, clients: Sequence[ClientSpec], heldout: dict[i
 # ---- the whole simulation ---------------------------------------------------------------------------------------
 def simulate(config: SimulationConfig, *, on_row: Callable[[str, dict], None] | None = None) -> dict:
     """Run the heterogeneous federation (and the baseline), write the report files, return the report dict."""
-    from prufed.models import resolve_model
+    from prufed.common.models import resolve_model
 
     started = time.perf_counter()
     out = Path(config.out)

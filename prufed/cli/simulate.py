@@ -7,9 +7,9 @@ from argparse import SUPPRESS
 from pathlib import Path
 
 from edge_client.core.pruning import DEFAULT_STRATEGY, STRATEGIES
-from prufed.errors import ConfigError
-from prufed.models import DEFAULT_MODEL
-from prufed.cli_help import HelpFormatter
+from prufed.cli.help import HelpFormatter
+from prufed.common.errors import ConfigError
+from prufed.common.models import DEFAULT_MODEL
 
 EPILOG = """examples:
   prufed simulate                                   # 6 clients over depths 30,20,10, 3 rounds -> runs/simulate/
@@ -81,7 +81,7 @@ def _ints(flag: str, text: str) -> tuple[int, ...]:
 
 
 def build_config(args):
-    from prufed.simulate import SimulationConfig
+    from prufed.simulation.run import SimulationConfig
 
     sizes = {name: getattr(args, name, default)
              for name, default in (SMOKE_SIZES if args.smoke else DEFAULT_SIZES).items()}
@@ -97,7 +97,7 @@ def build_config(args):
     else:
         depths = (30, 20, 10)
     if depths is not None:
-        from prufed.models import read_model_config, resolve_model
+        from prufed.common.models import read_model_config, resolve_model
 
         layers = int(read_model_config(resolve_model(args.model))["num_hidden_layers"])
         if args.depths is None:  # the default fits any model: 100%, 2/3 and 1/3 of its layers
@@ -114,7 +114,7 @@ def build_config(args):
 
 
 def simulate_command(args) -> int:
-    from prufed.simulate import install_signal_cleanup, simulate, table_rows
+    from prufed.simulation.run import install_signal_cleanup, simulate, table_rows
 
     config = build_config(args)
     install_signal_cleanup()

@@ -12,17 +12,17 @@ import sys
 from collections.abc import Sequence
 
 from prufed import __version__
-from prufed.errors import PrufedError
+from prufed.common.errors import PrufedError
 
 COMMAND_MODULES: tuple[str, ...] = (
-    "edge_client.cli_pruning",  # prune, layers, eval
-    "aggregator.cli_aggregate",  # aggregate
-    "edge_client.cli_plan",  # profile, plan
-    "edge_client.cli_train",  # train
-    "aggregator.cli_server",  # aggregator serve | status
-    "edge_client.cli_edge",  # edge run
-    "prufed.cli_simulate",  # simulate
-    "edge_client.cli_onnx",  # export-onnx, generate
+    "prufed.cli.pruning",  # prune, layers, eval
+    "prufed.cli.aggregate",  # aggregate
+    "prufed.cli.plan",  # profile, plan
+    "prufed.cli.train",  # train
+    "prufed.cli.aggregator",  # aggregator serve | status
+    "prufed.cli.edge",  # edge run
+    "prufed.cli.simulate",  # simulate
+    "prufed.cli.onnx",  # export-onnx, generate
 )
 
 
