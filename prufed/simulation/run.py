@@ -281,7 +281,9 @@ def aggregator_yaml(config: SimulationConfig, num_clients: int, mode: str) -> di
     return {"rounds": config.rounds, "min_clients": num_clients, "clients_fraction": 1.0, "quorum_fraction": 1.0,
             "deadline_s": config.deadline_s, "retry_after_s": 0.25, "seed": config.seed, "mode": mode,
             "lora_r": config.lora_r, "lora_alpha": config.lora_alpha, "max_steps": config.local_steps,
-            "lr": config.lr, "batch_size": config.batch_size, "seq_len": config.seq_len}
+            "lr": config.lr, "batch_size": config.batch_size, "seq_len": config.seq_len,
+            # every agent enrols from 127.0.0.1 with one token: let all of them through the Register rate limit
+            "register_burst": max(20, num_clients)}
 
 
 def run_federation(name: str, config: SimulationConfig, model: str, clients: Sequence[ClientSpec], out: Path,
