@@ -13,9 +13,12 @@ from importlib import metadata
 from packaging.requirements import Requirement
 
 PROJECT = "prufed"
-#: Extras each command needs beyond the core (torch, safetensors, gRPC, protobuf, pyyaml, rich). `aggregate`,
-#: `plan`, `doctor` and `help` need only the core (doctor reports missing extras itself).
+#: Extras each top-level command needs beyond the core (torch, safetensors, gRPC, protobuf, pyyaml, rich).
+#: Every command is listed (tests/test_install.py checks), so a new one must say what it needs.
 COMMAND_EXTRAS: dict[str, tuple[str, ...]] = {
+    "aggregate": (),
+    "plan": (),  # config.json and the pure planner only
+    "doctor": (),  # reports a missing [edge] itself, as its verdict
     "layers": ("edge",),
     "prune": ("edge",),
     "eval": ("edge",),
@@ -67,5 +70,5 @@ def install_hint(extras: Iterable[str]) -> str:
 def missing_extras_message(command: str, missing: dict[str, list[str]]) -> str:
     """One line: what is missing and the pip command that installs it."""
     packages = sorted({name for names in missing.values() for name in names})
-    return (f"`prufed {command}` needs the {', '.join(missing)} extra ({', '.join(packages)} not installed): "
-            f"{install_hint(missing)}")
+    what = f"the {next(iter(missing))} extra" if len(missing) == 1 else f"the {' and '.join(missing)} extras"
+    return f"`prufed {command}` needs {what} ({', '.join(packages)} not installed): {install_hint(missing)}"
