@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import (
+    DDL,
     Column,
     Float,
     Integer,
@@ -27,6 +28,7 @@ from sqlalchemy import (
     event,
     func,
     insert,
+    inspect,
     select,
     update,
 )
@@ -50,6 +52,7 @@ clients = Table(
     Column("name", String(200), nullable=False, default=""),
     Column("registered_at", Float, nullable=False),
     Column("last_seen", Float, nullable=False),
+    Column("cert_sha256", String(64)),  # under mTLS: sha256 of the client certificate bound at registration
 )
 
 rounds = Table(
@@ -77,6 +80,7 @@ uploads = Table(
     Column("num_examples", Integer, nullable=False),
     Column("blob", String(200), nullable=False),
     Column("accepted_at", Float, nullable=False),
+    Column("norm", Float),  # ‖Δ‖₂ of the update, for the round's adaptive clipping
     UniqueConstraint("round", "client_id", name="uq_upload_round_client"),
 )
 
@@ -124,10 +128,17 @@ class Tx:
 
     # ---- clients --------------------------------------------------------------------------------------------
     def insert_client(self, client_id: str, salt: str, token_hash: str, kept_layers: Sequence[int], profile: str,
-                      name: str, now: float) -> None:
+                      name: str, now: float, cert_sha256: str | None = None) -> None:
         self.conn.execute(insert(clients).values(
             id=client_id, token_salt=salt, token_hash=token_hash, kept_layers=json.dumps(list(kept_layers)),
-            profile=profile, name=name, registered_at=now, last_seen=now))
+            profile=profile, name=name, registered_at=now, last_seen=now, cert_sha256=cert_sha256))
+
+    def count_clients(self) -> int:
+        return int(self.conn.execute(select(func.count()).select_from(clients)).scalar_one())
+
+    def client_cert(self, client_id: str) -> str | None:
+        """The certificate fingerprint bound to a client (None: registered without mTLS, or unknown)."""
+        return self.conn.execute(select(clients.c.cert_sha256).where(clients.c.id == client_id)).scalar()
 
     def client_credentials(self, client_id: str) -> Row | None:
         """(token_salt, token_hash) of a client, or None."""
@@ -199,10 +210,15 @@ class Tx:
                                                        uploads.c.client_id == client_id)).first()
 
     def insert_upload(self, upload_id: str, round_id: int, client_id: str, sha256: str, size: int,
-                      num_examples: int, blob: str, now: float) -> None:
+                      num_examples: int, blob: str, now: float, norm: float | None = None) -> None:
         self.conn.execute(insert(uploads).values(
             id=upload_id, round=round_id, client_id=client_id, sha256=sha256, bytes=size, num_examples=num_examples,
-            blob=blob, accepted_at=now))
+            blob=blob, accepted_at=now, norm=norm))
+
+    def referenced_blobs(self) -> set[str]:
+        """Every blob ref a row points at (uploads and global versions)."""
+        refs = {r.blob for r in self.conn.execute(select(uploads.c.blob))}
+        return refs | {r.blob for r in self.conn.execute(select(global_versions.c.blob))}
 
     def count_uploads(self, round_id: int) -> int:
         return int(self.conn.execute(select(func.count()).select_from(uploads)
@@ -244,6 +260,7 @@ class Store:
             default_blobs = Path(blob_dir)
         self.blobs = BlobStore(Path(blob_dir) if blob_dir is not None else default_blobs)
         metadata.create_all(self.engine)
+        _add_missing_columns(self.engine)
 
     @contextlib.contextmanager
     def write(self) -> Iterator[Tx]:
@@ -260,6 +277,19 @@ class Store:
 
     def dispose(self) -> None:
         self.engine.dispose()
+
+
+def _add_missing_columns(engine: Engine) -> None:
+    """Bring a database made by an older PruFed up to date: ALTER TABLE ... ADD COLUMN for nullable columns only
+    (portable to SQLite and PostgreSQL; create_all never alters an existing table)."""
+    inspector = inspect(engine)
+    with engine.begin() as conn:
+        for table in metadata.sorted_tables:
+            present = {c["name"] for c in inspector.get_columns(table.name)}
+            for column in table.columns:
+                if column.name not in present and column.nullable:
+                    kind = column.type.compile(dialect=engine.dialect)
+                    conn.execute(DDL(f"ALTER TABLE {table.name} ADD COLUMN {column.name} {kind}"))
 
 
 def _configure_sqlite(engine: Engine) -> None:
