@@ -1,7 +1,7 @@
 """The aggregator gRPC server: auth interceptor, TLS/mTLS, health, metrics, JSON logs, and the round ticker.
 
 `create_server(address, store, config, ...) -> (server, port)`; the server holds no federation state of its own
-(see `aggregator.rounds`), so several can share one database.
+(see `aggregator.federation`), so several can share one database.
 """
 
 from __future__ import annotations
@@ -20,10 +20,11 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
 
 from aggregator.config import AggregatorConfig
-from aggregator.rounds import Federation
-from aggregator.servicer import AggregatorServicer, bearer_token
-from aggregator.store import Store
+from aggregator.federation import Federation
+from aggregator.servicer import AggregatorServicer, bearer_token, refuse
+from aggregator.state import Store
 from prufed.common.errors import ConfigError
+from prufed.common.refusals import RefusalCode, Refused
 from prufed.common.wire import MESSAGE_CAP_BYTES
 from prufed.v1 import aggregator_pb2_grpc as pb_grpc
 
@@ -83,6 +84,8 @@ class Metrics:
         self.upload_bytes = Counter("prufed_upload_bytes_total", "Bytes of accepted updates", registry=self.registry)
         self.download_bytes = Counter("prufed_download_bytes_total", "Bytes of global slices served",
                                       registry=self.registry)
+        self.refusals = Counter("prufed_refusals_total", "Refused calls of every RPC by method and refusal code",
+                                ["method", "code"], registry=self.registry)
         self.round_seconds = Histogram("prufed_round_duration_seconds", "Round open-to-close wall time",
                                        buckets=(1, 5, 15, 60, 300, 900, 3600, float("inf")), registry=self.registry)
 
@@ -93,6 +96,9 @@ class Metrics:
 
     def upload_rejected(self, code: str) -> None:
         self.uploads.labels("rejected", code).inc()
+
+    def refused(self, method: str, code: str) -> None:
+        self.refusals.labels(method, code).inc()
 
     def downloaded(self, size: int) -> None:
         self.download_bytes.inc(size)
@@ -107,9 +113,10 @@ class AuthInterceptor(grpc.ServerInterceptor):
     Status also accepts an enrolment token (operators). Health checks are open.
     """
 
-    def __init__(self, federation: Federation, enroll_tokens: Sequence[str]):
+    def __init__(self, federation: Federation, enroll_tokens: Sequence[str], metrics: Metrics):
         self.fed = federation
         self.enroll_tokens = tuple(enroll_tokens)
+        self.metrics = metrics
 
     def _is_enroll(self, token: str) -> bool:
         return any(hmac.compare_digest(token.encode(), t.encode()) for t in self.enroll_tokens)
@@ -127,22 +134,22 @@ class AuthInterceptor(grpc.ServerInterceptor):
         elif name == "Status" and self._is_enroll(token):
             problem = None
         else:
-            problem = None if self.fed.authenticate(token) else "bearer token is not valid for any client"
+            problem = None if self.fed.clients.authenticate(token) else "bearer token is not valid for any client"
         handler = continuation(handler_call_details)
         if problem is None or handler is None:
             return handler
-        log.info("unauthenticated call", extra={"method": name, "reason": problem})
-        return _abort_handler(handler, grpc.StatusCode.UNAUTHENTICATED, f"{name}: {problem}")
+        return _refusing_handler(handler, self.metrics, name, Refused(RefusalCode.UNAUTHENTICATED, f"{name}: {problem}"))
 
 
-def _abort_handler(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, details: str) -> grpc.RpcMethodHandler:
-    """A handler of the same streaming shape that refuses the call."""
+def _refusing_handler(handler: grpc.RpcMethodHandler, metrics: Metrics, method: str,
+                      error: Refused) -> grpc.RpcMethodHandler:
+    """A handler of the same streaming shape that refuses the call through the servicer's one error path."""
 
     def unary(request, context):
-        context.abort(code, details)
+        refuse(context, metrics, method, error)
 
     def streaming(request, context):
-        context.abort(code, details)
+        refuse(context, metrics, method, error)
         yield  # pragma: no cover - makes this a generator, as the stream-response shapes require
 
     kwargs = dict(request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer)
@@ -220,14 +227,14 @@ def create_server(address: str, store: Store, config: AggregatorConfig, tls: TLS
     if model_dir is not None:
         federation.initialize(model_dir)
     metrics = Metrics()
-    federation.on_round_closed = metrics.round_closed
+    federation.rounds.on_round_closed = metrics.round_closed
     options = [("grpc.max_receive_message_length", MESSAGE_CAP_BYTES),
                ("grpc.max_send_message_length", MESSAGE_CAP_BYTES),
                ("grpc.so_reuseport", 0)]
     from concurrent.futures import ThreadPoolExecutor
 
     grpc_server = grpc.server(ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="rpc"),
-                              interceptors=[AuthInterceptor(federation, enroll_tokens)], options=options)
+                              interceptors=[AuthInterceptor(federation, enroll_tokens, metrics)], options=options)
     server = AggregatorServer(grpc_server, federation, metrics)
     pb_grpc.add_AggregatorServicer_to_server(AggregatorServicer(federation, config, metrics, server.wake), grpc_server)
     health_servicer = health.HealthServicer()

@@ -37,7 +37,7 @@ def fast_config(**overrides):
 def start_inprocess(tmp_path: Path, model_dir: Path, config=None, **kwargs):
     """A real gRPC server on 127.0.0.1:0 over a SQLite file in tmp_path; returns (server, address, store)."""
     from aggregator.server import create_server
-    from aggregator.store import Store
+    from aggregator.state import Store
 
     store = Store(f"sqlite:///{tmp_path / 'agg.db'}")
     kwargs.setdefault("enroll_tokens", [ENROLL])

@@ -43,8 +43,8 @@ def wait_for(predicate, timeout=30.0):
 
 
 def db_rows(store, table):
-    with store.read() as conn:
-        return conn.execute(select(table)).fetchall()
+    with store.read() as tx:
+        return tx.conn.execute(select(table)).fetchall()
 
 
 def reference_global(tmp_path, model_dir, files) -> str:
@@ -72,7 +72,7 @@ def procs():
 
 
 def test_kill_at_every_point_then_restart(tmp_path, tiny_model_dir, procs):
-    from aggregator.store import Store, global_versions, rounds, uploads
+    from aggregator.state import Store, global_versions, rounds, uploads
 
     (tmp_path / "reference").mkdir()
     global0 = _global0(tmp_path, tiny_model_dir)
@@ -136,8 +136,8 @@ def test_kill_at_every_point_then_restart(tmp_path, tiny_model_dir, procs):
 
 
 def _global0(tmp_path, model_dir) -> dict:
-    from aggregator.rounds import Federation
-    from aggregator.store import Store
+    from aggregator.federation import Federation
+    from aggregator.state import Store
 
     store = Store(f"sqlite:///{tmp_path / 'global0.db'}")
     fed = Federation(store, fast_config(**CONFIG))
@@ -170,7 +170,7 @@ def _vanish_mid_upload(client: AggregatorClient, path) -> None:
 
 
 def test_two_replicas_race_to_close(tmp_path, tiny_model_dir, procs):
-    from aggregator.store import Store, global_versions, rounds
+    from aggregator.state import Store, global_versions, rounds
 
     db = f"sqlite:///{tmp_path / 'agg.db'}"
     config = write_yaml_config(tmp_path / "agg.yaml", rounds=2, min_clients=4, close_lease_s=30.0)

@@ -108,6 +108,11 @@ def _accumulate(acc: torch.Tensor, value: torch.Tensor, alpha: float, stage: tor
         flat_acc[start:start + chunk.numel()].add_(staged, alpha=alpha)
 
 
+def mean_step(acc: torch.Tensor, weight: float, server_lr: float) -> torch.Tensor:
+    """server_lr · Σ_k w_k·s_k·Δ_k / Σ_k w_k, in place on the float64 sum `acc` (the one place this is computed)."""
+    return acc.mul_(server_lr / weight)
+
+
 def _difference(expected: set[str], actual: set[str]) -> str:
     missing, extra = sorted(expected - actual), sorted(actual - expected)
     return f"missing {missing[:4]}{' ...' if len(missing) > 4 else ''}, extra {extra[:4]}{' ...' if len(extra) > 4 else ''}"
@@ -247,6 +252,18 @@ class HeteAggregator:
         self._products.clear()
         return AggregationResult({key: state[key] for key in self._global}, dict(self._holders), report)
 
+    def take_sums(self) -> dict[str, tuple[torch.Tensor, float]]:
+        """Finish by handing over, per held key, (float64 Σ_k w_k·s_k·Δ_k, Σ_k w_k): the building block of the
+        per-group modes (fedavg_group.py, mixed.py, additive.py). Factors space without trimming only."""
+        if self._finished:
+            raise AggregationError("finish() was already called")
+        if self.config.space != "factors" or self.config.trim_fraction > 0:
+            raise AggregationError("take_sums needs --space factors and no --trim-fraction")
+        self._finished = True
+        self._products.clear()
+        sums, self._sums = self._sums, {}
+        return {key: (acc, self._weights[key]) for key, acc in sums.items()}
+
     def _finish_factors(self) -> dict[str, torch.Tensor]:
         lr = float(self.config.server_lr)
         state = {}
@@ -255,8 +272,7 @@ class HeteAggregator:
             if acc is None:
                 state[key] = reference.clone()
                 continue
-            acc.mul_(lr / self._weights[key]).add_(reference.to(torch.float64))
-            state[key] = acc.to(reference.dtype)
+            state[key] = mean_step(acc, self._weights[key], lr).add_(reference.to(torch.float64)).to(reference.dtype)
         return state
 
     def _finish_trimmed(self) -> dict[str, torch.Tensor]:

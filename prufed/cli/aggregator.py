@@ -84,7 +84,7 @@ def serve_command(args) -> int:
 
     from aggregator.config import load_config
     from aggregator.server import TLSConfig, configure_json_logging, create_server
-    from aggregator.store import Store
+    from aggregator.state import Store
     from prufed.common.models import resolve_model
 
     if (args.tls_cert is None) != (args.tls_key is None):
@@ -116,8 +116,8 @@ def serve_command(args) -> int:
 
 
 def status_command(args) -> int:
-    from aggregator.rounds import read_status
-    from aggregator.store import Store
+    from aggregator.federation import read_status
+    from aggregator.state import Store
 
     db = args.db
     if db.startswith("sqlite:///"):

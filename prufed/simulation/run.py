@@ -291,8 +291,8 @@ def run_federation(name: str, config: SimulationConfig, model: str, clients: Seq
     import yaml
 
     from aggregator.config import AggregatorConfig
-    from aggregator.rounds import Federation, read_status
-    from aggregator.store import Store
+    from aggregator.federation import Federation, read_status
+    from aggregator.state import Store
 
     out.mkdir(parents=True, exist_ok=True)
     token = secrets.token_urlsafe(18)

@@ -1,0 +1,75 @@
+"""The federation: clients, uploads, rounds and global versions over one store, plus its status.
+
+The process holds nothing that is not in the database (caches are keyed by immutable global versions), so any
+replica can serve any call and a restart resumes where the DB stands.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from aggregator.clients import Clients
+from aggregator.config import AggregatorConfig
+from aggregator.globals import Globals
+from aggregator.rounds import Rounds
+from aggregator.state import CLOSED, FAILED, Store
+from aggregator.uploads import Uploads
+
+
+class Federation:
+    """One object per server process: the role modules, sharing a store, a config and a clock."""
+
+    def __init__(self, store: Store, config: AggregatorConfig, *, clock: Callable[[], float] = time.time,
+                 replica: str | None = None):
+        self.store = store
+        self.config = config
+        self.clock = clock
+        self.globals = Globals(store, config, clock)
+        self.clients = Clients(store, clock)
+        self.rounds = Rounds(store, config, self.globals, clock, replica)
+        self.uploads = Uploads(store, config, self.globals, clock)
+
+    def initialize(self, model_dir: Path) -> int:
+        """Write global version 0 if absent and sweep partial uploads of dead processes; returns the latest version."""
+        version = self.globals.initialize(model_dir)
+        self.store.blobs.sweep_partials()
+        return version
+
+    def tick(self) -> list[int]:
+        return self.rounds.tick()
+
+    def global_state(self, version: int | None = None) -> dict:
+        return self.globals.state(version)
+
+    def status(self) -> dict:
+        return read_status(self.store, self.config.rounds)
+
+
+def read_status(store: Store, rounds_total: int | None = None) -> dict:
+    """Federation state straight from the database (no server needed)."""
+    with store.read() as tx:
+        meta = tx.meta()
+        if rounds_total is None:
+            rounds_total = int(json.loads(meta.get("config", "{}")).get("rounds", 0))
+        version = tx.latest_version()
+        counts = tx.upload_counts()
+        round_rows = tx.all_rounds()
+        depths = tx.depth_counts()
+    closed = [r for r in round_rows if r.state == CLOSED]
+    finished = sum(r.state in (CLOSED, FAILED) for r in round_rows)
+    return {
+        "base_model": meta.get("base_model", ""),
+        "num_layers": int(meta.get("num_layers", 0)),
+        "global_version": version,
+        "rounds_total": rounds_total,
+        "rounds_closed": len(closed),
+        "done": bool(rounds_total) and finished >= rounds_total and round_rows[-1].id >= rounds_total,
+        "rounds": [{"round": r.id, "state": r.state, "sampled": len(json.loads(r.sampled)),
+                    "uploads": counts.get(r.id, 0), "deadline": r.deadline, "extensions": r.extensions,
+                    "reason": r.reason, "metrics": json.loads(r.metrics)} for r in round_rows],
+        "clients_per_depth": depths,
+        "last_metrics": json.loads(closed[-1].metrics) if closed else {},
+    }

@@ -1,0 +1,280 @@
+"""All of the aggregator's SQL: the tables and every query, behind `Store.read()` / `Store.write()` transactions.
+
+SQLAlchemy Core, portable SQL only: SQLite by default (one file, shared by replicas on one host), PostgreSQL by URL
+(replicas on several hosts). Every state change is one transaction. On SQLite, write transactions start with
+BEGIN IMMEDIATE, so two server processes on one file serialise instead of failing late; WAL lets readers run beside
+a writer. No other aggregator module issues SQL: they call the `Tx` methods below.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import (
+    Column,
+    Float,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+    create_engine,
+    event,
+    func,
+    insert,
+    select,
+    update,
+)
+from sqlalchemy.engine import Connection, Engine, Row, make_url
+
+from aggregator.blobs import BlobStore
+from prufed.common.errors import ConfigError
+
+OPEN, CLOSING, CLOSED, FAILED = "open", "closing", "closed", "failed"
+"""Round states: open (sampled, accepting) -> closing (claimed with a lease) -> closed | failed."""
+
+metadata = MetaData()
+
+clients = Table(
+    "clients", metadata,
+    Column("id", String(64), primary_key=True),
+    Column("token_salt", String(64), nullable=False),
+    Column("token_hash", String(64), nullable=False),  # sha256(salt || secret), hex
+    Column("kept_layers", Text, nullable=False),  # JSON list of ORIGINAL indices
+    Column("profile", Text, nullable=False),  # JSON
+    Column("name", String(200), nullable=False, default=""),
+    Column("registered_at", Float, nullable=False),
+    Column("last_seen", Float, nullable=False),
+)
+
+rounds = Table(
+    "rounds", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=False),
+    Column("state", String(16), nullable=False),  # open | closing | closed | failed
+    Column("base_version", Integer, nullable=False),  # global version the clients train from
+    Column("sampled", Text, nullable=False),  # JSON list of client ids
+    Column("deadline", Float, nullable=False),
+    Column("extensions", Integer, nullable=False, default=0),
+    Column("lease_until", Float),  # while state == closing: the claimant's lease
+    Column("created_at", Float, nullable=False),
+    Column("closed_at", Float),
+    Column("reason", Text, nullable=False, default=""),
+    Column("metrics", Text, nullable=False, default="{}"),
+)
+
+uploads = Table(
+    "uploads", metadata,
+    Column("id", String(64), primary_key=True),
+    Column("round", Integer, nullable=False),
+    Column("client_id", String(64), nullable=False),
+    Column("sha256", String(64), nullable=False),
+    Column("bytes", Integer, nullable=False),
+    Column("num_examples", Integer, nullable=False),
+    Column("blob", String(200), nullable=False),
+    Column("accepted_at", Float, nullable=False),
+    UniqueConstraint("round", "client_id", name="uq_upload_round_client"),
+)
+
+global_versions = Table(
+    "global_versions", metadata,
+    Column("version", Integer, primary_key=True, autoincrement=False),
+    Column("round", Integer, nullable=False),
+    Column("blob", String(200), nullable=False),
+    Column("sha256", String(64), nullable=False),
+    Column("created_at", Float, nullable=False),
+)
+
+federation = Table(
+    "federation", metadata,
+    Column("key", String(64), primary_key=True),
+    Column("value", Text, nullable=False),
+)
+
+
+class Tx:
+    """One transaction's queries. Rows are SQLAlchemy `Row`s; JSON columns are decoded where a caller needs them."""
+
+    def __init__(self, conn: Connection):
+        self.conn = conn
+
+    # ---- federation metadata and global versions ------------------------------------------------------------
+    def meta(self) -> dict[str, str]:
+        return {row.key: row.value for row in self.conn.execute(select(federation))}
+
+    def insert_meta(self, values: dict[str, str]) -> None:
+        self.conn.execute(insert(federation), [{"key": k, "value": v} for k, v in values.items()])
+
+    def version_row(self, version: int | None = None) -> Row | None:
+        """Global version `version` (None: the latest)."""
+        if version is None:
+            version = self.latest_version()
+        return self.conn.execute(select(global_versions).where(global_versions.c.version == version)).first()
+
+    def insert_version(self, version: int, round_id: int, blob: str, created_at: float) -> None:
+        self.conn.execute(insert(global_versions).values(version=version, round=round_id, blob=blob, sha256=blob,
+                                                         created_at=created_at))
+
+    def latest_version(self) -> int:
+        return int(self.conn.execute(select(func.max(global_versions.c.version))).scalar() or 0)
+
+    # ---- clients --------------------------------------------------------------------------------------------
+    def insert_client(self, client_id: str, salt: str, token_hash: str, kept_layers: Sequence[int], profile: str,
+                      name: str, now: float) -> None:
+        self.conn.execute(insert(clients).values(
+            id=client_id, token_salt=salt, token_hash=token_hash, kept_layers=json.dumps(list(kept_layers)),
+            profile=profile, name=name, registered_at=now, last_seen=now))
+
+    def client_credentials(self, client_id: str) -> Row | None:
+        """(token_salt, token_hash) of a client, or None."""
+        return self.conn.execute(select(clients.c.token_salt, clients.c.token_hash)
+                                 .where(clients.c.id == client_id)).first()
+
+    def client_layers(self, client_id: str) -> tuple[int, ...] | None:
+        row = self.conn.execute(select(clients.c.kept_layers).where(clients.c.id == client_id)).first()
+        return None if row is None else tuple(json.loads(row.kept_layers))
+
+    def touch_client(self, client_id: str, now: float) -> None:
+        self.conn.execute(update(clients).where(clients.c.id == client_id).values(last_seen=now))
+
+    def active_clients(self, since: float) -> list[str]:
+        """Ids of clients seen at or after `since`."""
+        return [r.id for r in self.conn.execute(select(clients.c.id).where(clients.c.last_seen >= since))]
+
+    def depth_counts(self) -> dict[int, int]:
+        """{number of kept layers: clients}."""
+        depths: dict[int, int] = {}
+        for row in self.conn.execute(select(clients.c.kept_layers)):
+            depth = len(json.loads(row.kept_layers))
+            depths[depth] = depths.get(depth, 0) + 1
+        return dict(sorted(depths.items()))
+
+    # ---- rounds ---------------------------------------------------------------------------------------------
+    def latest_round(self) -> Row | None:
+        return self.conn.execute(select(rounds).order_by(rounds.c.id.desc()).limit(1)).first()
+
+    def round(self, round_id: int) -> Row | None:
+        return self.conn.execute(select(rounds).where(rounds.c.id == round_id)).first()
+
+    def all_rounds(self) -> list[Row]:
+        return list(self.conn.execute(select(rounds).order_by(rounds.c.id)).fetchall())
+
+    def current_round_id(self) -> int | None:
+        return self.conn.execute(select(func.max(rounds.c.id))).scalar()
+
+    def open_round(self, round_id: int, base_version: int, sampled: Sequence[str], deadline: float,
+                   now: float) -> None:
+        self.conn.execute(insert(rounds).values(
+            id=round_id, state=OPEN, base_version=base_version, sampled=json.dumps(list(sampled)), deadline=deadline,
+            extensions=0, created_at=now, reason="", metrics="{}"))
+
+    def claim_round(self, round_id: int, now: float, lease_s: float) -> bool:
+        """Conditional UPDATE open|expired-closing -> closing: exactly one replica wins the close."""
+        result = self.conn.execute(
+            update(rounds)
+            .where(rounds.c.id == round_id,
+                   (rounds.c.state == OPEN) | ((rounds.c.state == CLOSING) & (rounds.c.lease_until < now)))
+            .values(state=CLOSING, lease_until=now + lease_s))
+        return result.rowcount == 1
+
+    def extend_round(self, round_id: int, deadline: float, extensions: int) -> None:
+        self.conn.execute(update(rounds).where(rounds.c.id == round_id, rounds.c.state == OPEN).values(
+            deadline=deadline, extensions=extensions))
+
+    def fail_round(self, round_id: int, now: float, reason: str, *, from_state: str = OPEN) -> None:
+        self.conn.execute(update(rounds).where(rounds.c.id == round_id, rounds.c.state == from_state).values(
+            state=FAILED, closed_at=now, lease_until=None, reason=reason))
+
+    def close_round(self, round_id: int, now: float, metrics: dict[str, Any]) -> None:
+        self.conn.execute(update(rounds).where(rounds.c.id == round_id, rounds.c.state == CLOSING).values(
+            state=CLOSED, closed_at=now, lease_until=None, metrics=json.dumps(metrics, sort_keys=True)))
+
+    # ---- uploads --------------------------------------------------------------------------------------------
+    def upload_of(self, round_id: int, client_id: str) -> Row | None:
+        return self.conn.execute(select(uploads).where(uploads.c.round == round_id,
+                                                       uploads.c.client_id == client_id)).first()
+
+    def insert_upload(self, upload_id: str, round_id: int, client_id: str, sha256: str, size: int,
+                      num_examples: int, blob: str, now: float) -> None:
+        self.conn.execute(insert(uploads).values(
+            id=upload_id, round=round_id, client_id=client_id, sha256=sha256, bytes=size, num_examples=num_examples,
+            blob=blob, accepted_at=now))
+
+    def count_uploads(self, round_id: int) -> int:
+        return int(self.conn.execute(select(func.count()).select_from(uploads)
+                                     .where(uploads.c.round == round_id)).scalar_one())
+
+    def round_uploads(self, round_id: int) -> list[Row]:
+        """A round's uploads in content order (sha256, then client id), so sums are the same on every replica."""
+        return list(self.conn.execute(select(uploads).where(uploads.c.round == round_id)
+                                      .order_by(uploads.c.sha256, uploads.c.client_id)).fetchall())
+
+    def upload_counts(self) -> dict[int, int]:
+        """{round: accepted uploads}."""
+        return {int(r): int(n) for r, n in
+                self.conn.execute(select(uploads.c.round, func.count()).group_by(uploads.c.round)).all()}
+
+
+class Store:
+    """Engine + blobs. `write()` for state changes (one transaction each), `read()` for queries; both yield a `Tx`."""
+
+    def __init__(self, url: str, blob_dir: str | Path | None = None):
+        try:
+            parsed = make_url(url)
+        except Exception as exc:  # sqlalchemy raises ArgumentError subclasses with long messages
+            raise ConfigError("--db", f"{url!r} is not a database URL (e.g. sqlite:///agg.db)") from exc
+        self.url = url
+        self.is_sqlite = parsed.get_backend_name() == "sqlite"
+        if self.is_sqlite:
+            if not parsed.database or parsed.database == ":memory:":
+                raise ConfigError("--db", "SQLite needs a file path (sqlite:///path/agg.db); replicas share the file")
+            db_path = Path(parsed.database).expanduser().resolve()
+            db_path.parent.mkdir(parents=True, exist_ok=True)
+            self.engine = create_engine(f"sqlite:///{db_path}", connect_args={"timeout": 30.0})
+            _configure_sqlite(self.engine)
+            default_blobs = Path(f"{db_path}.blobs")
+        else:
+            if blob_dir is None:
+                raise ConfigError("--blob-dir", "a non-SQLite database needs an explicit blob directory")
+            self.engine = create_engine(url, pool_pre_ping=True)
+            default_blobs = Path(blob_dir)
+        self.blobs = BlobStore(Path(blob_dir) if blob_dir is not None else default_blobs)
+        metadata.create_all(self.engine)
+
+    @contextlib.contextmanager
+    def write(self) -> Iterator[Tx]:
+        """One write transaction (BEGIN IMMEDIATE on SQLite); commits on success, rolls back on error."""
+        with self.engine.connect() as conn:
+            conn.execution_options(prufed_write=True)
+            with conn.begin():
+                yield Tx(conn)
+
+    @contextlib.contextmanager
+    def read(self) -> Iterator[Tx]:
+        with self.engine.connect() as conn, conn.begin():
+            yield Tx(conn)
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+
+
+def _configure_sqlite(engine: Engine) -> None:
+    """WAL + busy_timeout, and take the write lock at BEGIN so concurrent writers queue instead of deadlocking."""
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection, _record) -> None:
+        dbapi_connection.isolation_level = None  # let SQLAlchemy's begin event emit BEGIN itself
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA busy_timeout=30000")
+        cursor.execute("PRAGMA synchronous=FULL")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn: Connection) -> None:
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if conn.get_execution_options().get("prufed_write") else "BEGIN")
