@@ -3,7 +3,10 @@
 SQLAlchemy Core, portable SQL only: SQLite by default (one file, shared by replicas on one host), PostgreSQL by URL
 (replicas on several hosts). Every state change is one transaction. On SQLite, write transactions start with
 BEGIN IMMEDIATE, so two server processes on one file serialise instead of failing late; WAL lets readers run beside
-a writer. No other aggregator module issues SQL: they call the `Tx` methods below.
+a writer. On PostgreSQL, write transactions take one transaction-scoped advisory lock first (the same serial order
+between replicas on any host, so read-then-write logic such as "claim the close if quorum" or "insert the upload
+unless one exists" cannot interleave), and read transactions run at REPEATABLE READ (one snapshot per read).
+No other aggregator module issues SQL: they call the `Tx` methods below.
 """
 
 from __future__ import annotations
@@ -36,6 +39,8 @@ from sqlalchemy.engine import Connection, Engine, Row, make_url
 
 from aggregator.blobs import BlobStore
 from prufed.common.errors import ConfigError
+
+WRITE_LOCK_KEY = 0x70727566  # "pruf": the advisory lock every PostgreSQL write transaction holds until commit
 
 OPEN, CLOSING, CLOSED, FAILED = "open", "closing", "closed", "failed"
 """Round states: open (sampled, accepting) -> closing (claimed with a lease) -> closed | failed."""
@@ -225,9 +230,11 @@ class Tx:
                                      .where(uploads.c.round == round_id)).scalar_one())
 
     def round_uploads(self, round_id: int) -> list[Row]:
-        """A round's uploads in content order (sha256, then client id), so sums are the same on every replica."""
-        return list(self.conn.execute(select(uploads).where(uploads.c.round == round_id)
-                                      .order_by(uploads.c.sha256, uploads.c.client_id)).fetchall())
+        """A round's uploads in content order (sha256, then client id), so sums are the same on every replica.
+
+        Sorted here, not by ORDER BY: PostgreSQL would order text by its collation, SQLite bytewise."""
+        rows = self.conn.execute(select(uploads).where(uploads.c.round == round_id)).fetchall()
+        return sorted(rows, key=lambda r: (r.sha256, r.client_id))
 
     def upload_counts(self) -> dict[int, int]:
         """{round: accepted uploads}."""
@@ -256,11 +263,16 @@ class Store:
         else:
             if blob_dir is None:
                 raise ConfigError("--blob-dir", "a non-SQLite database needs an explicit blob directory")
-            self.engine = create_engine(url, pool_pre_ping=True)
+            # one connection per concurrently busy RPC thread, up to the server's 64 workers
+            self.engine = create_engine(url, pool_pre_ping=True, pool_size=16, max_overflow=48, pool_timeout=60)
             default_blobs = Path(blob_dir)
         self.blobs = BlobStore(Path(blob_dir) if blob_dir is not None else default_blobs)
-        metadata.create_all(self.engine)
-        _add_missing_columns(self.engine)
+        with self.engine.connect() as conn:  # replicas starting together must not race on CREATE TABLE
+            conn.execution_options(prufed_write=True)
+            with conn.begin():
+                self._lock_writes(conn)
+                metadata.create_all(conn)
+                _add_missing_columns(conn)
 
     @contextlib.contextmanager
     def write(self) -> Iterator[Tx]:
@@ -268,28 +280,36 @@ class Store:
         with self.engine.connect() as conn:
             conn.execution_options(prufed_write=True)
             with conn.begin():
+                self._lock_writes(conn)
                 yield Tx(conn)
 
     @contextlib.contextmanager
     def read(self) -> Iterator[Tx]:
-        with self.engine.connect() as conn, conn.begin():
-            yield Tx(conn)
+        with self.engine.connect() as conn:
+            if not self.is_sqlite:
+                conn.execution_options(isolation_level="REPEATABLE READ")
+            with conn.begin():
+                yield Tx(conn)
+
+    def _lock_writes(self, conn: Connection) -> None:
+        """PostgreSQL: serialise write transactions across replicas (SQLite's BEGIN IMMEDIATE does it there)."""
+        if not self.is_sqlite:
+            conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({WRITE_LOCK_KEY})")
 
     def dispose(self) -> None:
         self.engine.dispose()
 
 
-def _add_missing_columns(engine: Engine) -> None:
+def _add_missing_columns(conn: Connection) -> None:
     """Bring a database made by an older PruFed up to date: ALTER TABLE ... ADD COLUMN for nullable columns only
     (portable to SQLite and PostgreSQL; create_all never alters an existing table)."""
-    inspector = inspect(engine)
-    with engine.begin() as conn:
-        for table in metadata.sorted_tables:
-            present = {c["name"] for c in inspector.get_columns(table.name)}
-            for column in table.columns:
-                if column.name not in present and column.nullable:
-                    kind = column.type.compile(dialect=engine.dialect)
-                    conn.execute(DDL(f"ALTER TABLE {table.name} ADD COLUMN {column.name} {kind}"))
+    inspector = inspect(conn)
+    for table in metadata.sorted_tables:
+        present = {c["name"] for c in inspector.get_columns(table.name)}
+        for column in table.columns:
+            if column.name not in present and column.nullable:
+                kind = column.type.compile(dialect=conn.dialect)
+                conn.execute(DDL(f"ALTER TABLE {table.name} ADD COLUMN {column.name} {kind}"))
 
 
 def _configure_sqlite(engine: Engine) -> None:
