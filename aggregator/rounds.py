@@ -158,20 +158,30 @@ class Rounds:
             row = tx.round(round_id)
             ups = tx.round_uploads(round_id)
             params = tx.meta()
-        aggregator = HeteAggregator(self.globals.state(row.base_version), self.config.aggregation_config())
-        examples = 0
-        for up in ups:  # one upload in memory at a time
-            tensors, _meta = load_adapter(self.store.blobs.path(up.blob))
-            aggregator.add(tensors, up.num_examples, name=up.client_id)
-            examples += up.num_examples
-            del tensors
-        result = aggregator.finish()
-        blob = self.globals.put(result.state, int(params["num_layers"]), params["base_model"], round_id)
+        groups: list[dict] = []
+        if self.config.per_group:  # one global per depth group (aggregator/groups.py)
+            from aggregator.groups import close_groups
+
+            closed = close_groups(self.store, self.globals, self.config, row.base_version, round_id, ups,
+                                  int(params["num_layers"]), params["base_model"])
+            blob, groups, report, examples, held = (closed.shared_blob, closed.groups, closed.report,
+                                                    closed.examples, closed.keys_held)
+        else:
+            aggregator = HeteAggregator(self.globals.state(row.base_version), self.config.aggregation_config())
+            examples = 0
+            for up in ups:  # one upload in memory at a time
+                tensors, _meta = load_adapter(self.store.blobs.path(up.blob))
+                aggregator.add(tensors, up.num_examples, name=up.client_id)
+                examples += up.num_examples
+                del tensors
+            result = aggregator.finish()
+            report, held = result.report, len(result.holders)
+            blob = self.globals.put(result.state, int(params["num_layers"]), params["base_model"], round_id)
         fault_point("mid_close")
         new_version = row.base_version + 1
         metrics = {"updates": len(ups), "examples": examples, "global_version": new_version, "sha256": blob,
                    "aggregation_s": round(time.perf_counter() - started, 4), "closed_by": self.replica,
-                   "report": _jsonable(result.report), "layers_held": len(result.holders)}
+                   "report": _jsonable(report), "layers_held": held}
         now = self.clock()
         with self.store.write() as tx:
             if tx.round(round_id).state != CLOSING:
@@ -180,6 +190,9 @@ class Rounds:
                 log.warning("global version already written", extra={"round": round_id, "version": new_version})
             else:
                 tx.insert_version(new_version, round_id, blob, now)
+                if groups:
+                    tx.insert_group_globals(new_version, groups)
+            metrics["eval"] = round_eval(tx, round_id)
             metrics["duration_s"] = round(now - row.created_at, 3)
             tx.close_round(round_id, now, metrics)
         log.info("closed round", extra={"round": round_id, "version": new_version, "updates": len(ups),
@@ -187,6 +200,13 @@ class Rounds:
         if self.on_round_closed:
             self.on_round_closed(round_id, metrics)
         return True
+
+
+def round_eval(tx: Tx, round_id: int) -> dict:
+    """The round's federated evaluation, {"<depth>": {"loss", "examples", "clients", "groups"}} (JSON keys)."""
+    from aggregator.groups import eval_means
+
+    return {str(depth): entry for depth, entry in eval_means(tx.upload_evals(round_id)).get(round_id, {}).items()}
 
 
 def _jsonable(value):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -35,6 +36,7 @@ class UploadHeaderInfo:
     num_examples: int
     kept_layers: tuple[int, ...]
     tensors: tuple[tuple[str, tuple[int, ...], str], ...] = ()  # (name, shape, safetensors dtype tag)
+    eval: tuple[float, int] | None = None  # federated evaluation of the round's global: (loss, examples scored)
 
 
 @dataclass(frozen=True)
@@ -118,6 +120,12 @@ class Uploads:
                                                        f"registered {list(registered)}")
         if header.num_examples < 1:
             raise Refused(RefusalCode.BAD_NUM_EXAMPLES, f"num_examples must be >= 1, got {header.num_examples}")
+        if header.eval is not None:
+            loss, examples = header.eval
+            if not (math.isfinite(loss) and loss >= 0):
+                raise Refused(RefusalCode.BAD_REQUEST, f"eval.loss must be a finite number >= 0, got {loss}")
+            if examples < 1:
+                raise Refused(RefusalCode.BAD_REQUEST, f"eval.examples must be >= 1, got {examples}")
 
     def accept(self, client_id: str, header: UploadHeaderInfo, part_path: Path, sha256: str) -> UploadReceipt:
         """Validate a fully received update file and record it (exactly once per client and round)."""
@@ -141,6 +149,8 @@ class Uploads:
             open_round_for(tx, client_id, header.round)
             tx.insert_upload(upload_id, header.round, client_id, sha256, header.total_bytes, header.num_examples, blob,
                              self.clock())
+            if header.eval is not None:
+                tx.insert_upload_eval(header.round, client_id, *header.eval)
         log.info("accepted update", extra={"client": client_id, "round": header.round, "sha256": sha256,
                                            "bytes": header.total_bytes, "num_examples": header.num_examples,
                                            "validate_s": round(validated - started, 4),

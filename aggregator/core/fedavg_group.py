@@ -36,20 +36,6 @@ Mix = float | str
 Sums = dict[str, tuple[torch.Tensor, float]]
 
 
-def parse_mix(value: str | float, *, upper: float | None) -> Mix:
-    """`--mix X|auto`: "auto", or a finite X >= 0 (and <= upper when given); raises ConfigError naming --mix."""
-    if isinstance(value, str) and value.strip().lower() == "auto":
-        return "auto"
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise ConfigError("--mix", f"must be a number or 'auto', got {value!r}") from None
-    if not math.isfinite(number) or number < 0 or (upper is not None and number > upper):
-        bound = f"[0, {upper:g}]" if upper is not None else ">= 0"
-        raise ConfigError("--mix", f"must be 'auto' or a number in {bound}, got {value!r}")
-    return number
-
-
 def layer_agreement(own: Mapping[str, torch.Tensor], other: Mapping[str, torch.Tensor]
                     ) -> dict[int | None, tuple[float, float, float]]:
     """Per layer (None = keys outside the decoder layers): (cos, ‖own‖₂, ‖other‖₂) of the layer's concatenated
