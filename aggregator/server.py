@@ -20,6 +20,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 from aggregator.config import AggregatorConfig
+from aggregator.dashboard import Dashboard, DashboardConfig, build_snapshot
 from aggregator.federation import Federation
 from aggregator.servicer import AggregatorServicer, bearer_token, refuse
 from aggregator.state import Store
@@ -188,6 +189,7 @@ class AggregatorServer:
         self.grpc = grpc_server
         self.federation = federation
         self.metrics = metrics
+        self.dashboard: Dashboard | None = None
         self._wake = threading.Event()
         self._stopped = threading.Event()
         self._ticker = threading.Thread(target=self._tick_loop, name="round-ticker", daemon=True)
@@ -212,6 +214,8 @@ class AggregatorServer:
         self._stopped.set()
         self._wake.set()
         self.grpc.stop(grace).wait()
+        if self.dashboard is not None:
+            self.dashboard.stop()
         self._ticker.join(timeout=30)
 
     def wait_for_termination(self, timeout: float | None = None) -> bool:
@@ -220,7 +224,8 @@ class AggregatorServer:
 
 def create_server(address: str, store: Store, config: AggregatorConfig, tls: TLSConfig | None = None, *,
                   enroll_tokens: Sequence[str] = (), insecure: bool = False, model_dir: Path | None = None,
-                  metrics_port: int | None = None, max_workers: int = 64) -> tuple[AggregatorServer, int]:
+                  metrics_port: int | None = None, max_workers: int = 64,
+                  dashboard: DashboardConfig | None = None) -> tuple[AggregatorServer, int]:
     """Build, bind and start the server; returns it and the bound port (useful with port 0).
 
     Without TLS only loopback addresses are allowed unless `insecure`. With `model_dir`, the federation is
@@ -253,6 +258,8 @@ def create_server(address: str, store: Store, config: AggregatorConfig, tls: TLS
     if metrics_port is not None:
         start_http_server(metrics_port, registry=metrics.registry)
     server.start()
+    if dashboard is not None:
+        server.dashboard = Dashboard(dashboard, lambda: build_snapshot(federation.status(), metrics.registry)).start()
     for service in ("", SERVICE_NAME):
         health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
     return server, port
