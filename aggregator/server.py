@@ -18,7 +18,7 @@ from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 from aggregator.config import AggregatorConfig
 from aggregator.dashboard import Dashboard, DashboardConfig, build_snapshot
@@ -94,6 +94,11 @@ class Metrics:
                                 ["method", "code"], registry=self.registry)
         self.round_seconds = Histogram("prufed_round_duration_seconds", "Round open-to-close wall time",
                                        buckets=(1, 5, 15, 60, 300, 900, 3600, float("inf")), registry=self.registry)
+        self.eval_loss = Gauge("prufed_federated_eval_loss", "Federated evaluation of the last closed round's base "
+                               "global: example-weighted mean client held-out loss (nats/token) per depth",
+                               ["depth"], registry=self.registry)
+        self.eval_examples = Gauge("prufed_federated_eval_examples", "Held-out examples behind "
+                                   "prufed_federated_eval_loss, per depth", ["depth"], registry=self.registry)
 
     def upload_accepted(self, size: int, duplicate: bool) -> None:
         self.uploads.labels("duplicate" if duplicate else "accepted", "").inc()
@@ -111,6 +116,9 @@ class Metrics:
 
     def round_closed(self, _round_id: int, metrics: dict) -> None:
         self.round_seconds.observe(float(metrics.get("duration_s", 0.0)))
+        for depth, entry in metrics.get("eval", {}).items():
+            self.eval_loss.labels(str(depth)).set(float(entry["loss"]))
+            self.eval_examples.labels(str(depth)).set(int(entry["examples"]))
 
 
 class AuthInterceptor(grpc.ServerInterceptor):

@@ -98,11 +98,33 @@ global_versions = Table(
     Column("created_at", Float, nullable=False),
 )
 
+group_globals = Table(
+    "group_globals", metadata,  # per-group modes: global version v of each depth group (its kept-layer list)
+    Column("version", Integer, primary_key=True, autoincrement=False),
+    Column("kept_layers", String(1000), primary_key=True),  # canonical JSON list of ORIGINAL indices, e.g. "[0,1,7]"
+    Column("blob", String(200), nullable=False),
+    Column("clients", Integer, nullable=False),  # updates of the group folded into this version (0: carried)
+    Column("examples", Integer, nullable=False),
+)
+
+upload_evals = Table(
+    "upload_evals", metadata,  # federated evaluation sent with an upload (the round's base global, before training)
+    Column("round", Integer, primary_key=True, autoincrement=False),
+    Column("client_id", String(64), primary_key=True),
+    Column("loss", Float, nullable=False),  # nats/token on the client's held-out examples
+    Column("examples", Integer, nullable=False),
+)
+
 federation = Table(
     "federation", metadata,
     Column("key", String(64), primary_key=True),
     Column("value", Text, nullable=False),
 )
+
+
+def group_key(kept_layers: Sequence[int]) -> str:
+    """The canonical text of a depth group (its kept-layer list) as stored: compact JSON, e.g. "[0,1,7]"."""
+    return json.dumps([int(i) for i in kept_layers], separators=(",", ":"))
 
 
 class Tx:
@@ -130,6 +152,24 @@ class Tx:
 
     def latest_version(self) -> int:
         return int(self.conn.execute(select(func.max(global_versions.c.version))).scalar() or 0)
+
+    def insert_group_globals(self, version: int, groups: Sequence[dict[str, Any]]) -> None:
+        """Rows {"kept_layers": [...], "blob", "clients", "examples"} of version `version` (per-group modes)."""
+        self.conn.execute(insert(group_globals), [
+            {"version": version, "kept_layers": group_key(g["kept_layers"]), "blob": g["blob"],
+             "clients": g["clients"], "examples": g["examples"]} for g in groups])
+
+    def group_globals(self, version: int) -> list[dict[str, Any]]:
+        """The per-group globals of `version` (empty for a one-global version), sorted by group."""
+        rows = self.conn.execute(select(group_globals).where(group_globals.c.version == version)
+                                 .order_by(group_globals.c.kept_layers)).fetchall()
+        return [{"kept_layers": json.loads(r.kept_layers), "blob": r.blob, "clients": r.clients,
+                 "examples": r.examples} for r in rows]
+
+    def group_global(self, version: int, kept_layers: Sequence[int]) -> str | None:
+        """The blob of group `kept_layers` at `version`, or None."""
+        return self.conn.execute(select(group_globals.c.blob).where(
+            group_globals.c.version == version, group_globals.c.kept_layers == group_key(kept_layers))).scalar()
 
     # ---- clients --------------------------------------------------------------------------------------------
     def insert_client(self, client_id: str, salt: str, token_hash: str, kept_layers: Sequence[int], profile: str,
@@ -235,6 +275,20 @@ class Tx:
         Sorted here, not by ORDER BY: PostgreSQL would order text by its collation, SQLite bytewise."""
         rows = self.conn.execute(select(uploads).where(uploads.c.round == round_id)).fetchall()
         return sorted(rows, key=lambda r: (r.sha256, r.client_id))
+
+    def insert_upload_eval(self, round_id: int, client_id: str, loss: float, examples: int) -> None:
+        self.conn.execute(insert(upload_evals).values(round=round_id, client_id=client_id, loss=loss,
+                                                      examples=examples))
+
+    def upload_evals(self, round_id: int | None = None) -> list[Row]:
+        """(round, client_id, loss, examples, kept_layers) of every federated evaluation (of one round if given)."""
+        query = (select(upload_evals.c.round, upload_evals.c.client_id, upload_evals.c.loss, upload_evals.c.examples,
+                        clients.c.kept_layers)
+                 .join(clients, clients.c.id == upload_evals.c.client_id)
+                 .order_by(upload_evals.c.round, upload_evals.c.client_id))
+        if round_id is not None:
+            query = query.where(upload_evals.c.round == round_id)
+        return list(self.conn.execute(query).fetchall())
 
     def upload_counts(self) -> dict[int, int]:
         """{round: accepted uploads}."""

@@ -36,13 +36,13 @@ from typing import Any
 
 import torch
 
+from aggregator.core.modes import SINGLE_MODES as MODES
 from aggregator.core.product import lora_modules, refactor, relative_error
 from aggregator.core.robust import clip_scale, trimmed_mean, update_norm
 from prufed.common.adapter_keys import layer_of
 from prufed.common.errors import ConfigError, PrufedError
 
 WEIGHTINGS = ("examples", "uniform")
-MODES = ("heteagg", "fedavg")
 SPACES = ("factors", "product")
 #: float64 elements staged per chunk: 32768 × 8 B = 256 KiB, small enough to stay in L2.
 CHUNK = 32768

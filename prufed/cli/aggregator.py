@@ -7,11 +7,14 @@ import sys
 from pathlib import Path
 
 from prufed.cli.help import HelpFormatter
+from prufed.cli.modes import add_mode_arguments
 from prufed.common.errors import ConfigError
 
 SERVE_EPILOG = """example:
   prufed aggregator serve --listen 127.0.0.1:50051 --db sqlite:///runs/agg.db --model smollm2-135m \\
       --enroll-token "$(cat enroll.txt)" --rounds 3 --metrics-port 9100
+  # one global per depth group, blended with every holder's mean per layer:
+  prufed aggregator serve --db sqlite:///runs/agg.db --enroll-token "$(cat enroll.txt)" --mode mixed --mix auto
   # on a VM: --listen 0.0.0.0:50051 --tls-cert server.crt --tls-key server.key [--tls-client-ca ca.crt]
 """
 STATUS_EPILOG = """example:
@@ -52,6 +55,7 @@ def register(subparsers) -> None:
         kind = float if name in ("clients_fraction", "quorum_fraction", "deadline_s", "max_upload_mib") else int
         serve.add_argument(f"--{name.replace('_', '-')}", dest=name, type=kind, default=None,
                            help=f"override the config field {name}")
+    add_mode_arguments(serve, default=None)
     serve.set_defaults(func=serve_command)
 
     status = sub.add_parser("status", help="print the federation state from the database", formatter_class=fmt,
@@ -97,7 +101,7 @@ def serve_command(args) -> int:
     if args.metrics_port is not None and not 0 < args.metrics_port < 65536:
         raise ConfigError("--metrics-port", f"must be in 1..65535, got {args.metrics_port}")
     tokens = _enroll_tokens(args)
-    config = load_config(args.config, {name: getattr(args, name) for name in OVERRIDES})
+    config = load_config(args.config, {name: getattr(args, name) for name in (*OVERRIDES, "mode", "mix")})
     tls = TLSConfig(Path(args.tls_cert), Path(args.tls_key),
                     Path(args.tls_client_ca) if args.tls_client_ca else None) if args.tls_cert else None
     configure_json_logging()
