@@ -48,6 +48,10 @@ class AggregatorConfig:
     """WAIT answers ask clients to come back after this many seconds."""
     weighting: str = "examples"
     mode: str = "heteagg"
+    """Aggregation mode (aggregator/core/modes.py): heteagg | fedavg (one global) or fedavg-group | mixed | additive
+    (one global per depth group: clients with the same kept-layer list)."""
+    mix: float | str | None = None
+    """mixed: λ in [0, 1]; additive: μ >= 0; or "auto" (the default for those modes). Other modes take none."""
     space: str = "factors"
     server_lr: float = 1.0
     clip_norm: float | None = None
@@ -128,7 +132,11 @@ class AggregatorConfig:
         need(self.close_lease_s > 0, "close_lease_s", f"must be > 0, got {self.close_lease_s}")
         need(self.retry_after_s > 0, "retry_after_s", f"must be > 0, got {self.retry_after_s}")
         need(self.weighting in ("examples", "uniform"), "weighting", f"must be examples|uniform, got {self.weighting!r}")
-        need(self.mode in ("heteagg", "fedavg"), "mode", f"must be heteagg|fedavg, got {self.mode!r}")
+        from aggregator.core.modes import check_mode
+
+        object.__setattr__(self, "mix", check_mode(self.mode, self.mix))
+        need(not self.per_group or (self.space == "factors" and self.trim_fraction == 0), "mode",
+             f"--mode {self.mode} needs space: factors and trim_fraction: 0 (got {self.space}, {self.trim_fraction})")
         need(self.space in ("factors", "product"), "space", f"must be factors|product, got {self.space!r}")
         need(self.server_lr > 0, "server_lr", f"must be > 0, got {self.server_lr}")
         need(self.clip_norm is None or self.clip_norm > 0, "clip_norm", f"must be > 0 or null, got {self.clip_norm}")
@@ -163,6 +171,13 @@ class AggregatorConfig:
              f"must be <= max_concurrent_uploads ({self.max_concurrent_uploads}), got {self.max_uploads_per_client}")
 
     @property
+    def per_group(self) -> bool:
+        """True when the mode keeps one global per depth group."""
+        from aggregator.core.modes import is_group_mode
+
+        return is_group_mode(self.mode)
+
+    @property
     def max_upload_bytes(self) -> int:
         return int(self.max_upload_mib * 1024 * 1024)
 
@@ -177,8 +192,11 @@ class AggregatorConfig:
     def aggregation_config(self):
         """The HeteAgg options as `aggregator.core.heteagg.AggregationConfig`."""
         from aggregator.core.heteagg import AggregationConfig
+        from aggregator.core.modes import is_group_mode
 
-        return AggregationConfig(weighting=self.weighting, mode=self.mode, space=self.space, server_lr=self.server_lr,
+        # the per-group aggregators take their mode from their class; their inner sums are HeteAgg's
+        mode = "heteagg" if is_group_mode(self.mode) else self.mode
+        return AggregationConfig(weighting=self.weighting, mode=mode, space=self.space, server_lr=self.server_lr,
                                  clip_norm=self.clip_norm, trim_fraction=self.trim_fraction)
 
     def lora(self) -> dict:

@@ -59,19 +59,27 @@ class Federation:
         return self.globals.state(version)
 
     def status(self) -> dict:
-        return read_status(self.store, self.config.rounds)
+        return read_status(self.store, self.config.rounds, self.config.mode)
 
 
-def read_status(store: Store, rounds_total: int | None = None) -> dict:
-    """Federation state straight from the database (no server needed)."""
+def read_status(store: Store, rounds_total: int | None = None, mode: str | None = None) -> dict:
+    """Federation state straight from the database (no server needed).
+
+    Per round, "eval" is the federated evaluation of the global the round started from (version "base_version"):
+    {"<depth>": {"loss", "examples", "clients", "groups"}}, example-weighted over the clients that reported one
+    (aggregator/groups.py); live while the round is open. "groups" lists the latest version's per-group globals."""
+    from aggregator.groups import eval_means, group_summary
+
     with store.read() as tx:
         meta = tx.meta()
+        created = json.loads(meta.get("config", "{}"))
         if rounds_total is None:
-            rounds_total = int(json.loads(meta.get("config", "{}")).get("rounds", 0))
+            rounds_total = int(created.get("rounds", 0))
         version = tx.latest_version()
         counts = tx.upload_counts()
         round_rows = tx.all_rounds()
         depths = tx.depth_counts()
+        evals = eval_means(tx.upload_evals())
     closed = [r for r in round_rows if r.state == CLOSED]
     finished = sum(r.state in (CLOSED, FAILED) for r in round_rows)
     return {
@@ -83,7 +91,10 @@ def read_status(store: Store, rounds_total: int | None = None) -> dict:
         "done": bool(rounds_total) and finished >= rounds_total and round_rows[-1].id >= rounds_total,
         "rounds": [{"round": r.id, "state": r.state, "sampled": len(json.loads(r.sampled)),
                     "uploads": counts.get(r.id, 0), "deadline": r.deadline, "extensions": r.extensions,
-                    "reason": r.reason, "metrics": json.loads(r.metrics)} for r in round_rows],
+                    "reason": r.reason, "metrics": json.loads(r.metrics), "base_version": r.base_version,
+                    "eval": {str(d): e for d, e in evals.get(r.id, {}).items()}} for r in round_rows],
         "clients_per_depth": depths,
         "last_metrics": json.loads(closed[-1].metrics) if closed else {},
+        "mode": mode or created.get("mode", "heteagg"),
+        "groups": group_summary(store, version),
     }

@@ -7,10 +7,8 @@
 from __future__ import annotations
 
 import hmac
-import ipaddress
 import json
 import logging
-import socket
 import sys
 import threading
 import time
@@ -20,13 +18,15 @@ from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 from aggregator.config import AggregatorConfig
+from aggregator.dashboard import Dashboard, DashboardConfig, build_snapshot
 from aggregator.federation import Federation
 from aggregator.servicer import AggregatorServicer, bearer_token, refuse
 from aggregator.state import Store
 from prufed.common.errors import ConfigError
+from prufed.common.net import is_loopback_host
 from prufed.common.refusals import RefusalCode, Refused
 from prufed.common.wire import MESSAGE_CAP_BYTES
 from prufed.v1 import aggregator_pb2_grpc as pb_grpc
@@ -94,6 +94,11 @@ class Metrics:
                                 ["method", "code"], registry=self.registry)
         self.round_seconds = Histogram("prufed_round_duration_seconds", "Round open-to-close wall time",
                                        buckets=(1, 5, 15, 60, 300, 900, 3600, float("inf")), registry=self.registry)
+        self.eval_loss = Gauge("prufed_federated_eval_loss", "Federated evaluation of the last closed round's base "
+                               "global: example-weighted mean client held-out loss (nats/token) per depth",
+                               ["depth"], registry=self.registry)
+        self.eval_examples = Gauge("prufed_federated_eval_examples", "Held-out examples behind "
+                                   "prufed_federated_eval_loss, per depth", ["depth"], registry=self.registry)
 
     def upload_accepted(self, size: int, duplicate: bool) -> None:
         self.uploads.labels("duplicate" if duplicate else "accepted", "").inc()
@@ -111,6 +116,9 @@ class Metrics:
 
     def round_closed(self, _round_id: int, metrics: dict) -> None:
         self.round_seconds.observe(float(metrics.get("duration_s", 0.0)))
+        for depth, entry in metrics.get("eval", {}).items():
+            self.eval_loss.labels(str(depth)).set(float(entry["loss"]))
+            self.eval_examples.labels(str(depth)).set(int(entry["examples"]))
 
 
 class AuthInterceptor(grpc.ServerInterceptor):
@@ -175,20 +183,6 @@ def split_address(address: str) -> tuple[str, int]:
     return host, int(port)
 
 
-def is_loopback(host: str) -> bool:
-    """True iff `host` is a loopback address (127.0.0.0/8, ::1) or a name that resolves only to such addresses."""
-    name = host[1:-1] if host.startswith("[") and host.endswith("]") else host
-    try:
-        return ipaddress.ip_address(name).is_loopback
-    except ValueError:
-        pass
-    try:
-        infos = socket.getaddrinfo(name, None)
-    except (OSError, UnicodeError):
-        return False
-    return bool(infos) and all(ipaddress.ip_address(info[4][0].split("%")[0]).is_loopback for info in infos)
-
-
 class AggregatorServer:
     """A started gRPC server plus its round ticker; `stop()` ends both."""
 
@@ -196,6 +190,7 @@ class AggregatorServer:
         self.grpc = grpc_server
         self.federation = federation
         self.metrics = metrics
+        self.dashboard: Dashboard | None = None
         self._next_sweep = 0.0
         self._wake = threading.Event()
         self._stopped = threading.Event()
@@ -224,6 +219,8 @@ class AggregatorServer:
         self._stopped.set()
         self._wake.set()
         self.grpc.stop(grace).wait()
+        if self.dashboard is not None:
+            self.dashboard.stop()
         self._ticker.join(timeout=30)
 
     def wait_for_termination(self, timeout: float | None = None) -> bool:
@@ -250,14 +247,15 @@ def server_options(config: AggregatorConfig) -> list[tuple[str, int]]:
 
 def create_server(address: str, store: Store, config: AggregatorConfig, tls: TLSConfig | None = None, *,
                   enroll_tokens: Sequence[str] = (), insecure: bool = False, model_dir: Path | None = None,
-                  metrics_port: int | None = None) -> tuple[AggregatorServer, int]:
+                  metrics_port: int | None = None,
+                  dashboard: DashboardConfig | None = None) -> tuple[AggregatorServer, int]:
     """Build, bind and start the server; returns it and the bound port (useful with port 0).
 
     Without TLS only loopback addresses are allowed unless `insecure`. With `model_dir`, the federation is
     initialised (global version 0 written) first.
     """
     host, _port = split_address(address)
-    if tls is None and not insecure and not is_loopback(host):
+    if tls is None and not insecure and not is_loopback_host(host):
         raise ConfigError("--listen", f"refusing to serve {host} without TLS; give --tls-cert/--tls-key or --insecure")
     if not enroll_tokens:
         raise ConfigError("--enroll-token", "Register must be gated: give --enroll-token or --tokens-file")
@@ -286,6 +284,8 @@ def create_server(address: str, store: Store, config: AggregatorConfig, tls: TLS
     if metrics_port is not None:
         start_http_server(metrics_port, registry=metrics.registry)
     server.start()
+    if dashboard is not None:
+        server.dashboard = Dashboard(dashboard, lambda: build_snapshot(federation.status(), metrics.registry)).start()
     for service in ("", SERVICE_NAME):
         health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
     return server, port

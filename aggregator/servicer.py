@@ -103,7 +103,8 @@ def decode_upload(messages: Iterator[pb.UploadChunk]) -> Iterator[UploadPart]:
             h = message.header
             yield UploadHeaderInfo(round=h.round, total_bytes=h.total_bytes, num_examples=h.num_examples,
                                    kept_layers=tuple(h.kept_layers),
-                                   tensors=tuple((t.name, tuple(t.shape), t.dtype) for t in h.tensors))
+                                   tensors=tuple((t.name, tuple(t.shape), t.dtype) for t in h.tensors),
+                                   eval=(h.eval.loss, h.eval.examples) if h.HasField("eval") else None)
         elif kind == "data":
             yield message.data
         elif kind == "trailer":
@@ -158,7 +159,8 @@ class AggregatorServicer(pb_grpc.AggregatorServicer):
             raise Refused(RefusalCode.BAD_REQUEST, f"version must be <= {INT32_MAX}, got {version}")
         version, round_id, payload = self.fed.globals.slice(kept, version)
         return self._chunks(pb.DownloadHeader(version=version, round=round_id, total_bytes=len(payload),
-                                              sha256=hashlib.sha256(payload).hexdigest(), kept_layers=list(kept)),
+                                              sha256=hashlib.sha256(payload).hexdigest(), kept_layers=list(kept),
+                                              per_group=self.config.per_group),
                             payload)
 
     def _chunks(self, header: pb.DownloadHeader, payload: bytes) -> Iterator[pb.DownloadChunk]:
@@ -187,7 +189,9 @@ def status_to_proto(status: dict) -> pb.StatusReply:
         global_version=status["global_version"], rounds_total=status["rounds_total"],
         rounds_closed=status["rounds_closed"], done=status["done"],
         rounds=[pb.RoundStatus(round=r["round"], state=r["state"], sampled=r["sampled"], uploads=r["uploads"],
-                               deadline_unix=r["deadline"], metrics_json=json.dumps(r["metrics"], sort_keys=True))
+                               deadline_unix=r["deadline"], metrics_json=json.dumps(r["metrics"], sort_keys=True),
+                               eval_json=json.dumps(r["eval"], sort_keys=True))
                 for r in status["rounds"]],
         clients_per_depth=[pb.DepthCount(depth=d, clients=n) for d, n in status["clients_per_depth"].items()],
-        last_metrics_json=json.dumps(status["last_metrics"], sort_keys=True))
+        last_metrics_json=json.dumps(status["last_metrics"], sort_keys=True), mode=status["mode"],
+        groups_json=json.dumps(status["groups"], sort_keys=True))

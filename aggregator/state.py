@@ -3,7 +3,10 @@
 SQLAlchemy Core, portable SQL only: SQLite by default (one file, shared by replicas on one host), PostgreSQL by URL
 (replicas on several hosts). Every state change is one transaction. On SQLite, write transactions start with
 BEGIN IMMEDIATE, so two server processes on one file serialise instead of failing late; WAL lets readers run beside
-a writer. No other aggregator module issues SQL: they call the `Tx` methods below.
+a writer. On PostgreSQL, write transactions take one transaction-scoped advisory lock first (the same serial order
+between replicas on any host, so read-then-write logic such as "claim the close if quorum" or "insert the upload
+unless one exists" cannot interleave), and read transactions run at REPEATABLE READ (one snapshot per read).
+No other aggregator module issues SQL: they call the `Tx` methods below.
 """
 
 from __future__ import annotations
@@ -36,6 +39,8 @@ from sqlalchemy.engine import Connection, Engine, Row, make_url
 
 from aggregator.blobs import BlobStore
 from prufed.common.errors import ConfigError
+
+WRITE_LOCK_KEY = 0x70727566  # "pruf": the advisory lock every PostgreSQL write transaction holds until commit
 
 OPEN, CLOSING, CLOSED, FAILED = "open", "closing", "closed", "failed"
 """Round states: open (sampled, accepting) -> closing (claimed with a lease) -> closed | failed."""
@@ -93,11 +98,33 @@ global_versions = Table(
     Column("created_at", Float, nullable=False),
 )
 
+group_globals = Table(
+    "group_globals", metadata,  # per-group modes: global version v of each depth group (its kept-layer list)
+    Column("version", Integer, primary_key=True, autoincrement=False),
+    Column("kept_layers", String(1000), primary_key=True),  # canonical JSON list of ORIGINAL indices, e.g. "[0,1,7]"
+    Column("blob", String(200), nullable=False),
+    Column("clients", Integer, nullable=False),  # updates of the group folded into this version (0: carried)
+    Column("examples", Integer, nullable=False),
+)
+
+upload_evals = Table(
+    "upload_evals", metadata,  # federated evaluation sent with an upload (the round's base global, before training)
+    Column("round", Integer, primary_key=True, autoincrement=False),
+    Column("client_id", String(64), primary_key=True),
+    Column("loss", Float, nullable=False),  # nats/token on the client's held-out examples
+    Column("examples", Integer, nullable=False),
+)
+
 federation = Table(
     "federation", metadata,
     Column("key", String(64), primary_key=True),
     Column("value", Text, nullable=False),
 )
+
+
+def group_key(kept_layers: Sequence[int]) -> str:
+    """The canonical text of a depth group (its kept-layer list) as stored: compact JSON, e.g. "[0,1,7]"."""
+    return json.dumps([int(i) for i in kept_layers], separators=(",", ":"))
 
 
 class Tx:
@@ -125,6 +152,24 @@ class Tx:
 
     def latest_version(self) -> int:
         return int(self.conn.execute(select(func.max(global_versions.c.version))).scalar() or 0)
+
+    def insert_group_globals(self, version: int, groups: Sequence[dict[str, Any]]) -> None:
+        """Rows {"kept_layers": [...], "blob", "clients", "examples"} of version `version` (per-group modes)."""
+        self.conn.execute(insert(group_globals), [
+            {"version": version, "kept_layers": group_key(g["kept_layers"]), "blob": g["blob"],
+             "clients": g["clients"], "examples": g["examples"]} for g in groups])
+
+    def group_globals(self, version: int) -> list[dict[str, Any]]:
+        """The per-group globals of `version` (empty for a one-global version), sorted by group."""
+        rows = self.conn.execute(select(group_globals).where(group_globals.c.version == version)
+                                 .order_by(group_globals.c.kept_layers)).fetchall()
+        return [{"kept_layers": json.loads(r.kept_layers), "blob": r.blob, "clients": r.clients,
+                 "examples": r.examples} for r in rows]
+
+    def group_global(self, version: int, kept_layers: Sequence[int]) -> str | None:
+        """The blob of group `kept_layers` at `version`, or None."""
+        return self.conn.execute(select(group_globals.c.blob).where(
+            group_globals.c.version == version, group_globals.c.kept_layers == group_key(kept_layers))).scalar()
 
     # ---- clients --------------------------------------------------------------------------------------------
     def insert_client(self, client_id: str, salt: str, token_hash: str, kept_layers: Sequence[int], profile: str,
@@ -225,9 +270,25 @@ class Tx:
                                      .where(uploads.c.round == round_id)).scalar_one())
 
     def round_uploads(self, round_id: int) -> list[Row]:
-        """A round's uploads in content order (sha256, then client id), so sums are the same on every replica."""
-        return list(self.conn.execute(select(uploads).where(uploads.c.round == round_id)
-                                      .order_by(uploads.c.sha256, uploads.c.client_id)).fetchall())
+        """A round's uploads in content order (sha256, then client id), so sums are the same on every replica.
+
+        Sorted here, not by ORDER BY: PostgreSQL would order text by its collation, SQLite bytewise."""
+        rows = self.conn.execute(select(uploads).where(uploads.c.round == round_id)).fetchall()
+        return sorted(rows, key=lambda r: (r.sha256, r.client_id))
+
+    def insert_upload_eval(self, round_id: int, client_id: str, loss: float, examples: int) -> None:
+        self.conn.execute(insert(upload_evals).values(round=round_id, client_id=client_id, loss=loss,
+                                                      examples=examples))
+
+    def upload_evals(self, round_id: int | None = None) -> list[Row]:
+        """(round, client_id, loss, examples, kept_layers) of every federated evaluation (of one round if given)."""
+        query = (select(upload_evals.c.round, upload_evals.c.client_id, upload_evals.c.loss, upload_evals.c.examples,
+                        clients.c.kept_layers)
+                 .join(clients, clients.c.id == upload_evals.c.client_id)
+                 .order_by(upload_evals.c.round, upload_evals.c.client_id))
+        if round_id is not None:
+            query = query.where(upload_evals.c.round == round_id)
+        return list(self.conn.execute(query).fetchall())
 
     def upload_counts(self) -> dict[int, int]:
         """{round: accepted uploads}."""
@@ -256,11 +317,16 @@ class Store:
         else:
             if blob_dir is None:
                 raise ConfigError("--blob-dir", "a non-SQLite database needs an explicit blob directory")
-            self.engine = create_engine(url, pool_pre_ping=True)
+            # one connection per concurrently busy RPC thread, up to the server's 64 workers
+            self.engine = create_engine(url, pool_pre_ping=True, pool_size=16, max_overflow=48, pool_timeout=60)
             default_blobs = Path(blob_dir)
         self.blobs = BlobStore(Path(blob_dir) if blob_dir is not None else default_blobs)
-        metadata.create_all(self.engine)
-        _add_missing_columns(self.engine)
+        with self.engine.connect() as conn:  # replicas starting together must not race on CREATE TABLE
+            conn.execution_options(prufed_write=True)
+            with conn.begin():
+                self._lock_writes(conn)
+                metadata.create_all(conn)
+                _add_missing_columns(conn)
 
     @contextlib.contextmanager
     def write(self) -> Iterator[Tx]:
@@ -268,28 +334,36 @@ class Store:
         with self.engine.connect() as conn:
             conn.execution_options(prufed_write=True)
             with conn.begin():
+                self._lock_writes(conn)
                 yield Tx(conn)
 
     @contextlib.contextmanager
     def read(self) -> Iterator[Tx]:
-        with self.engine.connect() as conn, conn.begin():
-            yield Tx(conn)
+        with self.engine.connect() as conn:
+            if not self.is_sqlite:
+                conn.execution_options(isolation_level="REPEATABLE READ")
+            with conn.begin():
+                yield Tx(conn)
+
+    def _lock_writes(self, conn: Connection) -> None:
+        """PostgreSQL: serialise write transactions across replicas (SQLite's BEGIN IMMEDIATE does it there)."""
+        if not self.is_sqlite:
+            conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({WRITE_LOCK_KEY})")
 
     def dispose(self) -> None:
         self.engine.dispose()
 
 
-def _add_missing_columns(engine: Engine) -> None:
+def _add_missing_columns(conn: Connection) -> None:
     """Bring a database made by an older PruFed up to date: ALTER TABLE ... ADD COLUMN for nullable columns only
     (portable to SQLite and PostgreSQL; create_all never alters an existing table)."""
-    inspector = inspect(engine)
-    with engine.begin() as conn:
-        for table in metadata.sorted_tables:
-            present = {c["name"] for c in inspector.get_columns(table.name)}
-            for column in table.columns:
-                if column.name not in present and column.nullable:
-                    kind = column.type.compile(dialect=engine.dialect)
-                    conn.execute(DDL(f"ALTER TABLE {table.name} ADD COLUMN {column.name} {kind}"))
+    inspector = inspect(conn)
+    for table in metadata.sorted_tables:
+        present = {c["name"] for c in inspector.get_columns(table.name)}
+        for column in table.columns:
+            if column.name not in present and column.nullable:
+                kind = column.type.compile(dialect=conn.dialect)
+                conn.execute(DDL(f"ALTER TABLE {table.name} ADD COLUMN {column.name} {kind}"))
 
 
 def _configure_sqlite(engine: Engine) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import math
 import struct
 import time
 from collections.abc import Callable, Iterator
@@ -43,6 +44,7 @@ class UploadHeaderInfo:
     num_examples: int
     kept_layers: tuple[int, ...]
     tensors: tuple[tuple[str, tuple[int, ...], str], ...] = ()  # (name, shape, safetensors dtype tag)
+    eval: tuple[float, int] | None = None  # federated evaluation of the round's global: (loss, examples scored)
 
 
 @dataclass(frozen=True)
@@ -158,6 +160,13 @@ class Uploads:
         if tuple(header.kept_layers) != registered:
             raise Refused(RefusalCode.BAD_KEPT_LAYERS, f"kept_layers {list(header.kept_layers)} differ from the "
                                                        f"registered {list(registered)}")
+        if header.eval is not None:
+            loss, examples = header.eval
+            if not (math.isfinite(loss) and loss >= 0):
+                raise Refused(RefusalCode.BAD_REQUEST, f"eval.loss must be a finite number >= 0, got {loss}")
+            if not 1 <= examples <= self.config.max_num_examples:
+                raise Refused(RefusalCode.BAD_REQUEST, f"eval.examples must be in 1..{self.config.max_num_examples}, "
+                                                       f"got {examples}")
 
     @staticmethod
     def _check_header_length(length: int, cap: int, total_bytes: int) -> None:
@@ -192,6 +201,8 @@ class Uploads:
             tx.touch_client(client_id, self.clock())  # an upload is a sign of life too (liveness window)
             tx.insert_upload(upload_id, header.round, client_id, sha256, header.total_bytes, header.num_examples, blob,
                              self.clock(), norm)
+            if header.eval is not None:
+                tx.insert_upload_eval(header.round, client_id, *header.eval)
         log.info("accepted update", extra={"client": client_id, "round": header.round, "sha256": sha256,
                                            "bytes": header.total_bytes, "num_examples": header.num_examples,
                                            "validate_s": round(validated - started, 4),

@@ -59,12 +59,24 @@ def fast_config(**overrides):
     return AggregatorConfig(**values)
 
 
-def start_inprocess(tmp_path: Path, model_dir: Path, config=None, **kwargs):
-    """A real gRPC server on 127.0.0.1:0 over a SQLite file in tmp_path; returns (server, address, store)."""
-    from aggregator.server import create_server
+def store_args(db_url: str, tmp_path: Path) -> tuple[str, ...]:
+    """`serve`'s blob flags for `db_url`: SQLite keeps blobs beside the file, PostgreSQL in a blob directory."""
+    return () if db_url.startswith("sqlite") else ("--blob-dir", str(tmp_path / "blobs"))
+
+
+def make_store(db_url: str, tmp_path: Path):
+    """A `Store` on `db_url` with the blob store `store_args` gives a server."""
     from aggregator.state import Store
 
-    store = Store(f"sqlite:///{tmp_path / 'agg.db'}")
+    return Store(db_url, None if db_url.startswith("sqlite") else tmp_path / "blobs")
+
+
+def start_inprocess(tmp_path: Path, model_dir: Path, config=None, db_url: str | None = None, **kwargs):
+    """A real gRPC server on 127.0.0.1:0 over `db_url` (default: a SQLite file in tmp_path); returns
+    (server, address, store)."""
+    from aggregator.server import create_server
+
+    store = make_store(db_url or f"sqlite:///{tmp_path / 'agg.db'}", tmp_path)
     kwargs.setdefault("enroll_tokens", [ENROLL])
     server, port = create_server("127.0.0.1:0", store, config or fast_config(), model_dir=model_dir, **kwargs)
     return server, f"127.0.0.1:{port}", store

@@ -176,9 +176,9 @@ def test_mtls_binds_the_client_certificate_to_the_client_id(tmp_path, tiny_model
                                            ("localhost", True), ("0.0.0.0", False), ("10.1.2.3", False),
                                            ("::", False), ("127.evil.invalid", False), ("127.0.0.1.invalid", False)])
 def test_loopback_check_parses_and_resolves(host, loopback):
-    from aggregator.server import is_loopback
+    from prufed.common.net import is_loopback_host
 
-    assert is_loopback(host) is loopback
+    assert is_loopback_host(host) is loopback
 
 
 def test_cli_serve_port0_sigterm_and_status(tmp_path, tiny_model_dir):

@@ -36,13 +36,13 @@ from typing import Any
 
 import torch
 
+from aggregator.core.modes import SINGLE_MODES as MODES
 from aggregator.core.product import lora_modules, refactor, relative_error
 from aggregator.core.robust import clip_scale, trimmed_mean, update_norm
 from prufed.common.adapter_keys import layer_of
 from prufed.common.errors import ConfigError, PrufedError
 
 WEIGHTINGS = ("examples", "uniform")
-MODES = ("heteagg", "fedavg")
 SPACES = ("factors", "product")
 #: float64 elements staged per chunk: 32768 × 8 B = 256 KiB, small enough to stay in L2.
 CHUNK = 32768
@@ -106,6 +106,11 @@ def _accumulate(acc: torch.Tensor, value: torch.Tensor, alpha: float, stage: tor
         staged = stage[:chunk.numel()]
         staged.copy_(chunk)
         flat_acc[start:start + chunk.numel()].add_(staged, alpha=alpha)
+
+
+def mean_step(acc: torch.Tensor, weight: float, server_lr: float) -> torch.Tensor:
+    """server_lr · Σ_k w_k·s_k·Δ_k / Σ_k w_k, in place on the float64 sum `acc` (the one place this is computed)."""
+    return acc.mul_(server_lr / weight)
 
 
 def _difference(expected: set[str], actual: set[str]) -> str:
@@ -253,6 +258,18 @@ class HeteAggregator:
         self._products.clear()
         return AggregationResult({key: state[key] for key in self._global}, dict(self._holders), report)
 
+    def take_sums(self) -> dict[str, tuple[torch.Tensor, float]]:
+        """Finish by handing over, per held key, (float64 Σ_k w_k·s_k·Δ_k, Σ_k w_k): the building block of the
+        per-group modes (fedavg_group.py, mixed.py, additive.py). Factors space without trimming only."""
+        if self._finished:
+            raise AggregationError("finish() was already called")
+        if self.config.space != "factors" or self.config.trim_fraction > 0:
+            raise AggregationError("take_sums needs --space factors and no --trim-fraction")
+        self._finished = True
+        self._products.clear()
+        sums, self._sums = self._sums, {}
+        return {key: (acc, self._weights[key]) for key, acc in sums.items()}
+
     def _finish_factors(self) -> dict[str, torch.Tensor]:
         lr = float(self.config.server_lr)
         state = {}
@@ -261,8 +278,7 @@ class HeteAggregator:
             if acc is None:
                 state[key] = reference.clone()
                 continue
-            acc.mul_(lr / self._weights[key]).add_(reference.to(torch.float64))
-            state[key] = acc.to(reference.dtype)
+            state[key] = mean_step(acc, self._weights[key], lr).add_(reference.to(torch.float64)).to(reference.dtype)
         return state
 
     def _finish_trimmed(self) -> dict[str, torch.Tensor]:
