@@ -75,6 +75,8 @@ def test_full_round_two_depths(served):
         assert status["clients_per_depth"] == {3: 1, 8: 1}
         assert status["rounds"][0]["state"] == "closed" and status["rounds"][0]["uploads"] == 2
         assert status["last_metrics"]["examples"] == 40
+        # the closing replica's host:pid stays on the server side
+        assert "closed_by" not in status["last_metrics"] and server.federation.status()["last_metrics"]["closed_by"]
         new_global = server.federation.global_state(1)
         # layers held only by the deep client moved; nobody held a key outside the global's
         changed = {k for k in new_global if not torch.equal(new_global[k], global_state[k])}
