@@ -93,3 +93,22 @@ def test_bad_urls_name_the_flag(tmp_path):
             Store(url)
     with pytest.raises(ConfigError, match="^--blob-dir"):
         Store("postgresql+psycopg://u@localhost/db")
+
+
+def test_orphan_blobs_are_swept_after_the_grace_period(db_url, tmp_path):
+    from aggregator_helpers import fast_config
+
+    from aggregator.federation import Federation
+    from aggregator.state import global_versions
+
+    store = make_store(db_url, tmp_path)
+    kept, orphan, young = (store.blobs.put_bytes(os.urandom(100)) for _ in range(3))
+    with store.write() as tx:
+        tx.conn.execute(insert(global_versions).values(version=0, round=0, blob=kept, sha256=kept, created_at=0.0))
+    old = time.time() - 120
+    for ref in (kept, orphan):
+        os.utime(store.blobs.path(ref), (old, old))
+    fed = Federation(store, fast_config(blob_sweep_grace_s=60))
+    assert fed.sweep_blobs() == 1
+    assert [store.blobs.path(r).exists() for r in (kept, orphan, young)] == [True, False, True]
+    store.dispose()

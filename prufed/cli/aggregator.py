@@ -23,7 +23,10 @@ STATUS_EPILOG = """example:
 
 # CLI flags that override a field of the same name in --config (None = keep the YAML/default value).
 OVERRIDES = ("rounds", "min_clients", "clients_fraction", "quorum_fraction", "min_updates", "deadline_s",
-             "max_extensions", "seed", "max_upload_mib", "chunk_size")
+             "max_extensions", "seed", "max_upload_mib", "chunk_size", "active_window_s", "max_num_examples",
+             "max_clients", "max_concurrent_uploads", "stream_idle_s", "upload_deadline_s")
+FLOAT_OVERRIDES = frozenset({"clients_fraction", "quorum_fraction", "deadline_s", "max_upload_mib", "active_window_s",
+                             "stream_idle_s", "upload_deadline_s"})
 
 
 def register(subparsers) -> None:
@@ -52,9 +55,9 @@ def register(subparsers) -> None:
                        help="serve a live page of rounds, depths, losses, traffic and refusals (e.g. 127.0.0.1:8080); "
                             "off loopback it needs --tls-cert/--tls-key and an enrolment token")
     for name in OVERRIDES:
-        kind = float if name in ("clients_fraction", "quorum_fraction", "deadline_s", "max_upload_mib") else int
+        kind = float if name in FLOAT_OVERRIDES else int
         serve.add_argument(f"--{name.replace('_', '-')}", dest=name, type=kind, default=None,
-                           help=f"override the config field {name}")
+                           help=f"override the config field {name} (docs/deployment.md lists the defaults)")
     add_mode_arguments(serve, default=None)
     serve.set_defaults(func=serve_command)
 

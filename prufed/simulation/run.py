@@ -302,7 +302,9 @@ def aggregator_yaml(config: SimulationConfig, num_clients: int, mode: str) -> di
             "deadline_s": config.deadline_s, "retry_after_s": 0.25, "seed": config.seed, "mode": mode,
             "mix": config.mix if mode == config.mode else None,
             "lora_r": config.lora_r, "lora_alpha": config.lora_alpha, "max_steps": config.local_steps,
-            "lr": config.lr, "batch_size": config.batch_size, "seq_len": config.seq_len}
+            "lr": config.lr, "batch_size": config.batch_size, "seq_len": config.seq_len,
+            # every agent enrols from 127.0.0.1 with one token: let all of them through the Register rate limit
+            "register_burst": max(20, num_clients)}
 
 
 def run_federation(name: str, config: SimulationConfig, model: str, clients: Sequence[ClientSpec], out: Path,
