@@ -10,9 +10,10 @@ from hypothesis import strategies as st
 from test_heteagg import NUM_LAYERS, assert_close_ulp, delta, global_adapter
 
 from aggregator.core.additive import AdditiveAggregator
-from aggregator.core.fedavg_group import FedAvgGroupAggregator, parse_mix
+from aggregator.core.fedavg_group import FedAvgGroupAggregator
 from aggregator.core.heteagg import AggregationConfig, AggregationError, HeteAggregator
 from aggregator.core.mixed import MixedAggregator
+from aggregator.core.modes import parse_mix
 from prufed.common.adapter_keys import keys_for_layers, layer_of
 from prufed.common.errors import ConfigError
 

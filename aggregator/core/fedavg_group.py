@@ -36,20 +36,6 @@ Mix = float | str
 Sums = dict[str, tuple[torch.Tensor, float]]
 
 
-def parse_mix(value: str | float, *, upper: float | None) -> Mix:
-    """`--mix X|auto`: "auto", or a finite X >= 0 (and <= upper when given); raises ConfigError naming --mix."""
-    if isinstance(value, str) and value.strip().lower() == "auto":
-        return "auto"
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise ConfigError("--mix", f"must be a number or 'auto', got {value!r}") from None
-    if not math.isfinite(number) or number < 0 or (upper is not None and number > upper):
-        bound = f"[0, {upper:g}]" if upper is not None else ">= 0"
-        raise ConfigError("--mix", f"must be 'auto' or a number in {bound}, got {value!r}")
-    return number
-
-
 def layer_agreement(own: Mapping[str, torch.Tensor], other: Mapping[str, torch.Tensor]
                     ) -> dict[int | None, tuple[float, float, float]]:
     """Per layer (None = keys outside the decoder layers): (cos, ‖own‖₂, ‖other‖₂) of the layer's concatenated
@@ -112,8 +98,11 @@ class GroupAggregator:
             raise AggregationError(f"no global for group {list(group)} and no initial global to start it from")
         return dict(state)
 
-    def add(self, group: Group, update: Mapping[str, torch.Tensor], num_examples: int, name: str = "") -> None:
-        """Fold one client's update Δ_k into its group's sums (and the all-holder sums); all-or-nothing."""
+    def add(self, group: Group, update: Mapping[str, torch.Tensor], num_examples: int, name: str = "",
+            weight: float | None = None) -> None:
+        """Fold one client's update Δ_k into its group's sums (and the all-holder sums); all-or-nothing.
+
+        `weight` overrides w_k as in `HeteAggregator.add` (the server's per-client share cap)."""
         if self._finished:
             raise AggregationError("finish() was already called; start a new aggregator")
         group = tuple(group)
@@ -121,10 +110,10 @@ class GroupAggregator:
         if aggregator is None:
             aggregator = HeteAggregator(self.global_of(group), self._inner)
         # The group check runs first: a refused update leaves every sum unchanged.
-        aggregator.add(update, num_examples, name)
+        aggregator.add(update, num_examples, name, weight)
         if self._total is not None:
             try:
-                self._total.add(update, num_examples, name)
+                self._total.add(update, num_examples, name, weight)
             except AggregationError as exc:  # cannot happen after the group's own identical checks
                 raise AggregationError(f"inconsistent update {name}: {exc}") from exc
         self._groups[group] = aggregator

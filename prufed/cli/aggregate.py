@@ -81,15 +81,16 @@ def _check_update(path: Path, global_state, global_meta):
     """(tensors, meta) of a usable update; raises UpdateRejected naming why it is not."""
     from aggregator.core.validate import UpdateRejected, validate_update
     from prufed.common.adapter_format import DELTA_FORMAT, AdapterFormatError, load_adapter
+    from prufed.common.refusals import RefusalCode
 
     try:
         tensors, meta = load_adapter(path)
     except AdapterFormatError as exc:
-        raise UpdateRejected("bad_file", str(exc)) from exc
+        raise UpdateRejected(RefusalCode.BAD_FILE, str(exc)) from exc
     if meta.format != DELTA_FORMAT:
-        raise UpdateRejected("bad_format", f"format is {meta.format!r}, an update must be {DELTA_FORMAT!r}")
+        raise UpdateRejected(RefusalCode.BAD_FORMAT, f"format is {meta.format!r}, an update must be {DELTA_FORMAT!r}")
     if meta.base_model and global_meta.base_model and meta.base_model != global_meta.base_model:
-        raise UpdateRejected("base_model_mismatch",
+        raise UpdateRejected(RefusalCode.BASE_MODEL_MISMATCH,
                              f"trained on base model {meta.base_model}, the global is for {global_meta.base_model}")
     validate_update(tensors, kept_layers=meta.kept_layers, global_state=global_state, num_examples=meta.num_examples)
     return tensors, meta
