@@ -54,7 +54,7 @@ class Run:
 
 
 def parse_run(name: str) -> Run:
-    from aggregator.core.fedavg_group import parse_mix
+    from aggregator.core.modes import MIX_UPPER, parse_mix
     from prufed.common.errors import ConfigError
 
     if name in ("fedavg-group", "homogeneous", "local"):
@@ -65,7 +65,7 @@ def parse_run(name: str) -> Run:
             if not (math.isfinite(lr) and lr > 0):
                 raise ValueError
             return Run(name, "heteagg", server_lr=lr)
-        for mode, upper in (("mixed", 1.0), ("additive", None)):
+        for mode, upper in MIX_UPPER.items():
             if name.startswith(mode + "-"):
                 return Run(name, mode, mix=parse_mix(name.removeprefix(mode + "-"), upper=upper))
     except (ValueError, ConfigError):
@@ -235,10 +235,8 @@ def run_cell(cell: Cell, ctx: dict, args, checkpoint: Path, config: dict) -> tup
     """(per-depth rows, extra fields) of one federated or local cell, resuming from `checkpoint` when present."""
     import torch
 
-    from aggregator.core.additive import AdditiveAggregator
-    from aggregator.core.fedavg_group import FedAvgGroupAggregator
     from aggregator.core.heteagg import AggregationConfig, HeteAggregator
-    from aggregator.core.mixed import MixedAggregator
+    from aggregator.core.modes import group_aggregator
 
     models: DepthModels = ctx["models"]
     pad_id = ctx["pad_id"]
@@ -289,13 +287,9 @@ def run_cell(cell: Cell, ctx: dict, args, checkpoint: Path, config: dict) -> tup
     depth_of = {layers: d for d, layers in kept.items()}
     for rnd in range(start, args.rounds + 1):
         tick = time.time()
-        if per_group:
-            classes = {"fedavg-group": FedAvgGroupAggregator, "homogeneous": FedAvgGroupAggregator,
-                       "mixed": MixedAggregator, "additive": AdditiveAggregator}
-            cls = classes[cell.run.mode]
-            group_globals = {kept[d]: globals_[d] for d in depths}
-            aggregator = (cls(group_globals, agg_config) if cell.run.mix is None
-                          else cls(group_globals, agg_config, mix=cell.run.mix))
+        if per_group:  # homogeneous: one group (every client at the same depth), FedAvg within it
+            mode = "fedavg-group" if cell.run.mode == "homogeneous" else cell.run.mode
+            aggregator = group_aggregator(mode, {kept[d]: globals_[d] for d in depths}, agg_config, mix=cell.run.mix)
         else:
             aggregator = HeteAggregator(globals_[None], agg_config)
         for index, (depth, rows) in enumerate(clients):
