@@ -12,6 +12,7 @@ import sys
 from collections.abc import Sequence
 
 from prufed import __version__
+from prufed.cli import quiet
 from prufed.common.errors import PrufedError
 
 COMMAND_MODULES: tuple[str, ...] = (
@@ -23,6 +24,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "prufed.cli.edge",  # edge run
     "prufed.cli.simulate",  # simulate
     "prufed.cli.onnx",  # export-onnx, generate
+    "prufed.cli.export_adapter",  # export-adapter
 )
 
 
@@ -33,15 +35,18 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Run `prufed COMMAND --help` for a command's options. Errors exit with status 2.",
     )
     parser.add_argument("--version", action="version", version=f"prufed {__version__}")
+    parser.add_argument("--verbose", action="store_true", help=quiet.VERBOSE_HELP)
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for module_name in COMMAND_MODULES:
         importlib.import_module(module_name).register(subparsers)
+    quiet.add_verbose_flag(parser)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    quiet.configure(args.verbose)
     try:
         return int(args.func(args) or 0)
     except PrufedError as exc:
