@@ -12,7 +12,7 @@ import torch
 from edge_client.core.pruning import make_plan
 from edge_client.global_adapter import read_global_adapter, resolve_source
 from edge_client.model import attach_lora, load_base_model, load_model_dir, prune_model, read_plan, save_pruned
-from edge_client.onnx_export import FP32_TOLERANCE, INT4_BLOCK_SIZE, ExportError, export_onnx
+from edge_client.onnx_export import FP32_TOLERANCE, INT4_ALGORITHM, INT4_BLOCK_SIZE, ExportError, export_onnx
 from edge_client.onnx_generate import OnnxDecoder, OnnxGenerator, SamplingConfig, left_pad, position_ids_for
 from prufed.common.adapter_format import DELTA_FORMAT, GLOBAL_FORMAT, AdapterMeta, save_adapter
 from prufed.common.errors import ConfigError
@@ -234,9 +234,9 @@ def test_int4_copy_is_weight_only_4bit_on_every_projection(plain_export):
     nbits = [n for n in nodes if n.op_type == "MatMulNBits"]
     attrs = [{a.name: onnx.helper.get_attribute_value(a) for a in n.attribute} for n in nbits]
     assert len(nbits) == 7 * KEEP + 1
-    assert {(a["bits"], a["block_size"]) for a in attrs} == {(4, INT4_BLOCK_SIZE)}
+    assert {(a["bits"], a["block_size"], a["accuracy_level"]) for a in attrs} == {(4, INT4_BLOCK_SIZE, 4)}
     assert not [n for n in nodes if n.op_type == "MatMul" and "_proj/" in n.name]
-    assert info["int4"] == {"block_size": INT4_BLOCK_SIZE, "accuracy_level": 4, "bits": 4}
+    assert info["int4"] == {"algorithm": INT4_ALGORITHM, "block_size": INT4_BLOCK_SIZE, "bits": 4, "accuracy_level": 4}
     # 0.5 B per weight + a scale and zero point per block vs 4 B in fp32 (the tiny embedding table stays fp32)
     assert (out / "model.int4.onnx").stat().st_size < 0.5 * (out / "model.onnx").stat().st_size
 
@@ -277,3 +277,11 @@ def test_generate_runs_the_int4_copy(plain_export, capsys):
     capsys.readouterr()
     with pytest.raises(SystemExit):  # argparse: --int4 and --int8 exclude each other
         main(["generate", "--onnx", str(out), "--int4", "--int8", "--prompt", "Amen"])
+
+
+def test_cli_int4_defaults_are_the_exporters():
+    """prufed.cli.onnx repeats the defaults (importing the exporter would pull torch into `--help`): keep them equal."""
+    from prufed.cli import build_parser
+
+    args = build_parser().parse_args(["export-onnx", "--keep", "2", "--out", "x", "--int4"])
+    assert (args.int4_block_size, args.int4_algorithm) == (INT4_BLOCK_SIZE, INT4_ALGORITHM)

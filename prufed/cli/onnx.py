@@ -17,7 +17,8 @@ from prufed.cli.quiet import count_progress, step_progress
 from prufed.common.errors import ConfigError
 from prufed.common.models import DEFAULT_MODEL
 
-INT4_BLOCK_SIZE = 32  # edge_client.onnx_export.INT4_BLOCK_SIZE (not imported: that module pulls torch)
+# edge_client.onnx_export's defaults (not imported here: that module pulls in torch, and --help must stay instant)
+INT4_BLOCK_SIZE = 32
 
 MODEL_HELP = (f"model alias ({DEFAULT_MODEL}) or a local Hugging Face LLaMA-family directory: the UNPRUNED base "
               "(with --pruning or --keep), or a `prufed prune` output (its pruning.json names the base)")
@@ -50,6 +51,9 @@ def register(subparsers) -> None:
                         "zero point per --int4-block-size weights), the smallest and fastest copy for devices")
     export.add_argument("--int4-block-size", type=int, default=INT4_BLOCK_SIZE,
                         help="weights per int4 scale (power of two >= 16; smaller = closer to fp32, larger file)")
+    export.add_argument("--int4-algorithm", default="hqq", choices=("hqq", "rtn"),
+                        help="int4 rounding: hqq fits each block's scale and zero point to the weights (no data "
+                        "needed), rtn rounds to nearest between the block's min and max (faster to export)")
     export.add_argument("--int8", action="store_true",
                         help="also write model.int8.onnx (onnxruntime dynamic int8 with per-tensor activation "
                         "scales; the MLP down-projections stay fp32)")
@@ -91,7 +95,8 @@ def cmd_export(args: argparse.Namespace) -> int:
         source = resolve_source(args.model, args.pruning, args.keep, args.strategy)
         assert source is not None  # without full_depth, resolve_source returns a source or raises
         info = export_onnx(source, args.out, adapter=args.adapter, int8=args.int8, int4=args.int4,
-                           int4_block_size=args.int4_block_size, opset=args.opset, on_stage=stage)
+                           int4_block_size=args.int4_block_size, int4_algorithm=args.int4_algorithm, opset=args.opset,
+                           on_stage=stage)
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
