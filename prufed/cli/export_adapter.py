@@ -34,20 +34,21 @@ def register(subparsers) -> None:
         "with pruning.json beside it and the pruned base written to OUT/base. --merge writes a merged Hugging "
         "Face model directory instead.")
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--db", default=None, help="aggregator database URL (as given to `aggregator serve`)")
-    source.add_argument("--global", dest="global_file", type=Path, default=None,
+    source.add_argument("--db", default=None, metavar="URL", help="aggregator database URL (as given to `aggregator serve`)")
+    source.add_argument("--global", dest="global_file", type=Path, default=None, metavar="FILE",
                         help="a global adapter file (prufed-adapter/1 safetensors, ORIGINAL layer keys)")
-    parser.add_argument("--version", type=int, default=None, help="with --db: global version (default: the latest)")
-    parser.add_argument("--blob-dir", default=None, help="with --db: blob directory (non-SQLite databases)")
-    parser.add_argument("--model", default=None,
+    parser.add_argument("--version", type=int, default=None, metavar="N", help="with --db: global version (default: the latest)")
+    parser.add_argument("--blob-dir", default=None, metavar="DIR", help="with --db: blob directory (non-SQLite databases)")
+    parser.add_argument("--model", default=None, metavar="M",
                         help=f"the UNPRUNED base model (alias or HF directory), or a `prufed prune` output; default: "
                         f"{DEFAULT_MODEL} when its fingerprint is the one the adapter was trained on")
-    parser.add_argument("--pruning", type=Path, default=None,
+    parser.add_argument("--pruning", type=Path, default=None, metavar="DIR",
                         help="directory holding pruning.json (e.g. `prufed prune` output); excludes --keep")
-    parser.add_argument("--keep", type=int, default=None, help="layers to keep (with --strategy); excludes --pruning")
+    parser.add_argument("--keep", type=int, default=None, metavar="N",
+                        help="layers to keep (with --strategy); excludes --pruning")
     parser.add_argument("--strategy", default=DEFAULT_STRATEGY, choices=STRATEGIES, metavar="S",
                         help=f"pruning strategy for --keep: {', '.join(STRATEGIES)}")
-    parser.add_argument("--out", type=Path, required=True, help="output directory (must be new or empty)")
+    parser.add_argument("--out", type=Path, required=True, metavar="DIR", help="output directory (must be new or empty)")
     parser.add_argument("--merge", action="store_true", help="write a merged Hugging Face model directory instead")
     parser.add_argument("--json", action="store_true", help="print the export summary as JSON on stdout")
     parser.set_defaults(func=cmd_export_adapter)
