@@ -36,7 +36,14 @@ def add_verbose_flag(parser: argparse.ArgumentParser) -> None:
 
 
 def configure(verbose: bool) -> None:
-    """Silence third-party noise for this process and its children (no-op with `verbose`)."""
+    """Silence third-party noise for this process and its children (no-op with `verbose`); on a terminal, the
+    default model's one-time conversion gets a progress bar."""
+    import sys
+
+    from prufed.common import models
+
+    if sys.stderr.isatty():
+        models.conversion_progress = step_progress
     if verbose:
         return
     for key, value in QUIET_ENV.items():
