@@ -21,6 +21,8 @@ STATUS_EPILOG = """example:
   prufed aggregator status --db sqlite:///runs/agg.db --json
 """
 
+TOKEN_SUFFIX = ".enroll-token"  #: beside the SQLite file: <db file>.enroll-token
+
 # CLI flags that override a field of the same name in --config (None = keep the YAML/default value).
 OVERRIDES = ("rounds", "min_clients", "clients_fraction", "quorum_fraction", "min_updates", "deadline_s",
              "max_extensions", "seed", "max_upload_mib", "chunk_size", "active_window_s", "max_num_examples",
@@ -48,7 +50,9 @@ def register(subparsers) -> None:
     serve.add_argument("--tls-key", default=None, help="PEM private key for --tls-cert")
     serve.add_argument("--tls-client-ca", default=None, help="PEM CA; clients must present a cert it signed (mTLS)")
     serve.add_argument("--insecure", action="store_true", help="allow plaintext on a non-loopback address")
-    serve.add_argument("--enroll-token", default=None, help="token that gates Register")
+    serve.add_argument("--enroll-token", default=None,
+                       help="token that gates Register (on a loopback --listen, one is generated when no token is "
+                       "given: printed once and written with mode 0600 to <db file>.enroll-token)")
     serve.add_argument("--tokens-file", default=None, help="file with one enrolment token per line")
     serve.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics on this port")
     serve.add_argument("--dashboard", default=None, metavar="HOST:PORT",
@@ -69,6 +73,29 @@ def register(subparsers) -> None:
     status.set_defaults(func=status_command)
 
 
+def _loopback_token(args) -> str:
+    """A generated enrolment token for a local trial: printed once, kept with mode 0600 beside the database.
+
+    Reused on a restart (the file already holds one), so agents enrolled before keep working.
+    """
+    import secrets
+
+    from prufed.common.fsio import atomic_write_text
+
+    db = args.db
+    if not db.startswith("sqlite:///"):
+        raise ConfigError("--enroll-token", "a generated token is kept beside a SQLite database file; with "
+                                            f"{db.split(':', 1)[0]} give --enroll-token or --tokens-file")
+    path = Path(f"{Path(db[len('sqlite:///'):]).expanduser()}{TOKEN_SUFFIX}")
+    if path.is_file() and (token := path.read_text().strip()):
+        print(f"enrolment token (loopback only) read from {path}", file=sys.stderr, flush=True)
+        return token
+    token = secrets.token_urlsafe(24)
+    atomic_write_text(path, token + "\n", mode=0o600)
+    print(f"enrolment token (loopback only, also in {path}): {token}", file=sys.stderr, flush=True)
+    return token
+
+
 def _enroll_tokens(args) -> list[str]:
     tokens = []
     if args.enroll_token is not None:
@@ -84,7 +111,12 @@ def _enroll_tokens(args) -> list[str]:
         if not tokens:
             raise ConfigError("--tokens-file", f"{path}: holds no tokens")
     if not tokens:
-        raise ConfigError("--enroll-token", "Register must be gated: give --enroll-token or --tokens-file")
+        from aggregator.server import is_loopback, split_address
+
+        # The same loopback test the server applies to plaintext: off loopback a token stays mandatory.
+        if is_loopback(split_address(args.listen)[0]):
+            return [_loopback_token(args)]
+        raise ConfigError("--enroll-token", "Register must be gated off loopback: give --enroll-token or --tokens-file")
     return tokens
 
 
@@ -147,6 +179,7 @@ def serve_command(args) -> int:
 def status_command(args) -> int:
     from aggregator.federation import read_status
     from aggregator.state import Store
+    from prufed.cli.export_adapter import export_command
 
     db = args.db
     if db.startswith("sqlite:///"):
@@ -154,6 +187,9 @@ def status_command(args) -> int:
         if not path.is_file():
             raise ConfigError("--db", f"{path}: no such database file")
     status = read_status(Store(db, args.blob_dir))
+    version = int(status["global_version"])
+    # Version 0 is the initial adapter (lora_B = 0), nothing to export yet.
+    status["export_command"] = export_command(db, version) if version > 0 else None
     if args.json:
         print(json.dumps(status, indent=2, sort_keys=True))
         return 0
@@ -172,5 +208,12 @@ def status_command(args) -> int:
         table.add_row(str(r["round"]), r["state"], str(r["sampled"]), str(r["uploads"]), str(m.get("examples", "")),
                       str(m.get("global_version", "")), r["reason"])
     console.print(table)
+    if status["export_command"]:
+        latest = next((r for r in status["rounds"] if r["metrics"].get("global_version") == version), None)
+        made = f" (round {latest['round']}, sha256 {latest['metrics'].get('sha256', '')[:12]})" if latest else ""
+        console.print(f"latest global: version {version}{made}; export it for PEFT with:")
+        console.print(status["export_command"], markup=False, highlight=False, soft_wrap=True)
+    else:
+        console.print("latest global: version 0, the initial adapter (no round closed yet)")
     return 0
 
