@@ -212,13 +212,18 @@ def test_mode_and_mix_are_checked(tmp_path, tiny_model_dir):
     store.dispose()
 
 
-def test_cli_modes_are_one_list():
+def test_cli_modes_are_one_list(capsys, monkeypatch):
+    """aggregate, aggregator serve and simulate take --mode/--mix from one definition (aggregator/core/modes.py)."""
     from aggregator.core.modes import MODES
     from prufed.cli import build_parser
 
+    monkeypatch.setenv("COLUMNS", "250")  # keep the mode list on one help line
     parser = build_parser()
-    for argv in (["aggregator", "serve", "--db", "sqlite:///x.db"], ["simulate"]):
+    for argv in (["aggregate", "--global", "g", "--update", "u", "--out", "o"], ["aggregator", "serve", "--db", "x"],
+                 ["simulate"]):
         for mode in MODES:
-            assert parser.parse_args([*argv, "--mode", mode]).mode == mode
+            args = parser.parse_args([*argv, "--mode", mode, "--mix", "auto"])
+            assert (args.mode, args.mix) == (mode, "auto")
         with pytest.raises(SystemExit):
-            parser.parse_args([*argv, "--mode", "fedprox"])
+            parser.parse_args([argv[0], *argv[1:2 if argv[0] == "aggregator" else 0], "--help"])
+        assert "|".join(MODES) in capsys.readouterr().out
