@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,13 +41,12 @@ class GroupClose:
 
 
 def close_groups(store: Store, globals_: Globals, config: AggregatorConfig, base_version: int, round_id: int,
-                 uploads: Sequence[Any], num_layers: int, base_model: str,
-                 check: Callable[[Any, dict], None] | None = None) -> GroupClose:
+                 uploads: Sequence[Any], num_layers: int, base_model: str) -> GroupClose:
     """Fold a round's uploads (content order, one in memory at a time) into version base+1 of every group.
 
     Groups carried from the base version get a new global too (mixed/additive move them by the other groups'
     steps; fedavg-group copies them bit for bit). A group new this round starts from the base version's shared
-    global. `check(upload_row, tensors)` may refuse an update before it is folded in.
+    global.
     """
     from aggregator.core.modes import group_aggregator
     from prufed.common.adapter_format import load_adapter
@@ -62,8 +61,6 @@ def close_groups(store: Store, globals_: Globals, config: AggregatorConfig, base
     examples = 0
     for up in uploads:
         tensors, _meta = load_adapter(store.blobs.path(up.blob))
-        if check is not None:
-            check(up, tensors)
         aggregator.add(layers[up.client_id] or (), tensors, up.num_examples, name=up.client_id)
         examples += up.num_examples
         del tensors
