@@ -197,17 +197,35 @@ def status_command(args) -> int:
     from rich.table import Table
 
     console = Console()
+    if not console.is_terminal:
+        console = Console(width=160)  # a pipe or log file is no 80-column terminal: keep the table readable
     console.print(f"base model {status['base_model']}  layers {status['num_layers']}  global version "
                   f"{status['global_version']}  rounds {status['rounds_closed']}/{status['rounds_total']} closed"
                   f"{'  (done)' if status['done'] else ''}")
     depths = ", ".join(f"{d} layers: {n}" for d, n in status["clients_per_depth"].items()) or "none"
     console.print(f"clients per depth: {depths}")
-    table = Table("round", "state", "sampled", "uploads", "examples", "version", "reason")
+    console.print(f"aggregation mode: {status['mode']}")
+    # federated evaluation: the clients' own held-out loss of the global each round started from
+    eval_depths = sorted({int(d) for r in status["rounds"] for d in r["eval"]}, reverse=True)
+    table = Table("round", "state", "sampled", "uploads", "examples", "version", *[f"fed-eval d{d}" for d in eval_depths],
+                  "reason")
     for r in status["rounds"]:
         m = r["metrics"]
+        evals = [f"{r['eval'][str(d)]['loss']:.4f} ({r['eval'][str(d)]['examples']})" if str(d) in r["eval"] else ""
+                 for d in eval_depths]
         table.add_row(str(r["round"]), r["state"], str(r["sampled"]), str(r["uploads"]), str(m.get("examples", "")),
-                      str(m.get("global_version", "")), r["reason"])
+                      str(m.get("global_version", "")), *evals, r["reason"])
     console.print(table)
+    if eval_depths:
+        console.print("fed-eval: example-weighted mean of the clients' held-out loss (nats/token; examples scored) of "
+                      "the global the round started from, measured on the devices before training")
+    if status["groups"]:
+        groups = Table("depth", "kept layers", "version", "clients", "examples", "sha256",
+                       title="per-group globals (latest version)")
+        for g in status["groups"]:
+            groups.add_row(str(g["depth"]), ",".join(map(str, g["kept_layers"])), str(g["version"]),
+                           str(g["clients"]), str(g["examples"]), g["sha256"][:12])
+        console.print(groups)
     if status["export_command"]:
         latest = next((r for r in status["rounds"] if r["metrics"].get("global_version") == version), None)
         made = f" (round {latest['round']}, sha256 {latest['metrics'].get('sha256', '')[:12]})" if latest else ""
