@@ -209,7 +209,8 @@ def test_cli_serve_flag_errors(tmp_path, tiny_model_dir, capsys):
     from prufed.cli import main
 
     base = ["aggregator", "serve", "--db", f"sqlite:///{tmp_path / 'a.db'}", "--model", str(tiny_model_dir)]
-    cases = [([], "--enroll-token"), (["--enroll-token", ENROLL, "--tls-cert", "x.crt"], "--tls-cert"),
+    cases = [(["--listen", "0.0.0.0:0", "--insecure"], "--enroll-token"),  # off loopback a token is mandatory
+             (["--enroll-token", ENROLL, "--tls-cert", "x.crt"], "--tls-cert"),
              (["--enroll-token", "short"], "--enroll-token"), (["--tokens-file", str(tmp_path / "no")], "--tokens-file"),
              (["--enroll-token", ENROLL, "--rounds", "0"], "rounds"),
              (["--enroll-token", ENROLL, "--listen", "0.0.0.0:0"], "--listen"),
