@@ -18,8 +18,10 @@ An upload refused because the round closed (FAILED_PRECONDITION) or the client i
 (PERMISSION_DENIED) discards the update. Re-sending bytes the server already accepted returns its original
 receipt (the server is idempotent per client and round), so a kill between upload and persist costs no duplicate.
 
-The only payload that leaves the device is the update file (LoRA deltas of the kept layers); the local data set is
-read here and never sent. SIGTERM/SIGINT: the current RPC finishes, a training run stops after its current step
+The only payload that leaves the device is the update file (LoRA deltas of the kept layers), plus two numbers of
+federated evaluation (edge_client/federated_eval.py: the held-out loss of the downloaded global and how many
+held-out examples were scored, computed before training); the local data set is read here and never sent.
+SIGTERM/SIGINT: the current RPC finishes, a training run stops after its current step
 (already checkpointed), the state is persisted and `run()` returns 0.
 """
 
@@ -80,6 +82,7 @@ class AgentConfig:
     gradient_checkpointing: bool = True
     backoff: BackoffPolicy = field(default_factory=BackoffPolicy)
     max_wait_s: float = 30.0  #: cap on a WAIT's retry_after (s)
+    eval_examples: int = 16  #: local examples held out to score each downloaded global (0: no federated evaluation)
     verbose: bool = False
 
 
@@ -166,6 +169,7 @@ class Agent:
         self.state: dict = {}
         self.client = None
         self._examples: list | None = None
+        self._heldout: list = []
 
     # -- helpers --
     def persist(self, **changes) -> None:
@@ -236,14 +240,44 @@ class Agent:
                                             "download_s": round(time.perf_counter() - started, 4)})
         self._log(f"round {task.round}: downloaded global v{version} slice ({size} bytes)")
 
+    def load_examples(self) -> None:
+        """The private examples, split once into training and federated-evaluation parts (never re-mixed)."""
+        if self._examples is None:
+            from edge_client.federated_eval import heldout_split
+
+            self._examples, self._heldout = heldout_split(load_private_examples(self.config),
+                                                          self.config.eval_examples, self.config.seed)
+
+    def evaluate(self) -> None:
+        """Federated evaluation of the downloaded global before training; only (loss, examples) leave the device."""
+        from edge_client.federated_eval import score_global
+        from prufed.common.adapter_format import load_adapter
+
+        current = dict(self.state.get("current") or {})
+        if "eval" in current:
+            return  # already scored before a restart
+        self.load_examples()
+        result = None
+        if self._heldout:
+            hp = self.state.get("training") or {}
+            result = score_global(self.config.model, PruningPlan.from_json_dict(self.state["plan"]),
+                                  load_adapter(self.round_dir(self.state["round"]) / GLOBAL_FILE)[0], self._heldout,
+                                  seq_len=int(hp.get("seq_len") or 256), lora=self.state["federation"]["lora"],
+                                  quant=(self.state.get("depth_choice") or {}).get("quant", self.config.quant))
+        self.persist(current=dict(current, eval=result.to_json_dict() if result else None))
+        if result:
+            self._log(f"round {self.state['round']}: federated eval of global v{self.state['global_version']}: "
+                      f"loss {result.loss:.4f} on {result.examples} held-out examples")
+
     def train(self) -> None:
         from edge_client.train import TrainConfig, train_local
 
+        self.evaluate()
         round_id = self.state["round"]
         hp, lora = self.state.get("training") or {}, self.state["federation"]["lora"]
         alpha = float(lora["alpha"])
-        if self._examples is None:
-            self._examples = load_private_examples(self.config)
+        self.load_examples()
+        assert self._examples is not None
         batch = int(hp.get("batch_size") or 1)
         steps = int(hp.get("max_steps") or 1)
         config = TrainConfig(
@@ -283,8 +317,10 @@ class Agent:
         path = Path(current["update_path"])
         started = time.perf_counter()
         try:
+            scored = current.get("eval")
             receipt = self.retry("UploadUpdate", lambda: self.client.upload_update(
-                path, round_id, int(current["num_examples"]), self.kept_layers))
+                path, round_id, int(current["num_examples"]), self.kept_layers,
+                eval=(scored["loss"], scored["examples"]) if scored else None))
         except FatalError as exc:
             if exc.code.name not in DISCARD_CODES:
                 raise

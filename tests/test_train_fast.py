@@ -12,8 +12,7 @@ import torch
 
 from edge_client.data import IGNORE_INDEX, batch_indices, grouped_batch_indices
 from edge_client.evaluate import pad_batch
-from edge_client.model import attach_lora, load_base_model
-from edge_client.profiling import cpu_has_native_bf16
+from edge_client.model import attach_lora, load_base_model, native_bf16
 from edge_client.train import TrainConfig, resolve_plan, train_local
 from edge_client.train.precision import apply_precision, fastest_float_precision, precision_record
 from edge_client.train.steps import full_logits_loss, micro_batches, train_step, trained_position_loss
@@ -90,7 +89,7 @@ def test_bf16_base_keeps_lora_and_adamw_in_fp32(lora_model):
     loss, tokens = train_step(lora_model, micro, params, optimizer, max_grad_norm=1.0, loss_fn=trained_position_loss)
     record = precision_record(lora_model, optimizer, "bf16")
     assert record["base_weights"] == ["bfloat16"] and record["trained"] == ["float32"]
-    assert record["optimizer_state"] == ["float32"] and record["cpu_native_bf16"] == cpu_has_native_bf16()
+    assert record["optimizer_state"] == ["float32"] and record["cpu_native_bf16"] == native_bf16("cpu")
     assert torch.isfinite(torch.tensor(loss)) and tokens == int(micro[0]["attention_mask"].sum())
     with pytest.raises(ValueError, match="nf4"):
         apply_precision(lora_model, "nf4")
@@ -98,7 +97,7 @@ def test_bf16_base_keeps_lora_and_adamw_in_fp32(lora_model):
 
 def test_quant_auto_on_this_cpu_is_the_fastest_precision(tiny_model_dir):
     plan, quant, choice = resolve_plan(TrainConfig(model=str(tiny_model_dir), depth=2, quant="auto"))
-    assert quant == fastest_float_precision() == ("bf16" if cpu_has_native_bf16() else "fp32")
+    assert quant == fastest_float_precision() == ("bf16" if native_bf16("cpu") else "fp32")
     assert choice == {"mode": "fixed", "quant": quant, "quant_source": "fastest that fits on this cpu"}
 
 

@@ -17,9 +17,9 @@ FLOAT_QUANTS = ("bf16", "fp32")
 def fastest_float_precision() -> str:
     """bf16 where this CPU multiplies bf16 natively (AMX / AVX512-BF16), else fp32: `--quant auto`'s CPU rule
     when memory is no constraint."""
-    from edge_client.profiling import cpu_has_native_bf16
+    from edge_client.model import native_bf16
 
-    return "bf16" if cpu_has_native_bf16() else "fp32"
+    return "bf16" if native_bf16("cpu") else "fp32"
 
 
 def apply_precision(model, quant: str):
@@ -40,7 +40,7 @@ def apply_precision(model, quant: str):
 def precision_record(model, optimizer=None, quant: str | None = None) -> dict[str, Any]:
     """What metrics.json records: the dtypes actually held by the frozen weights, the trained (LoRA) parameters
     and the optimizer state, and whether this CPU has native bf16."""
-    from edge_client.profiling import cpu_has_native_bf16
+    from edge_client.model import native_bf16
 
     def names(tensors) -> list[str]:
         return sorted({str(t.dtype).removeprefix("torch.") for t in tensors})
@@ -51,4 +51,4 @@ def precision_record(model, optimizer=None, quant: str | None = None) -> dict[st
     if optimizer is not None:
         state = [v for s in optimizer.state.values() for v in s.values() if hasattr(v, "dtype") and v.dim() > 0]
     return {"quant": quant, "base_weights": names(frozen), "trained": names(trained),
-            "optimizer_state": names(state), "cpu_native_bf16": cpu_has_native_bf16()}
+            "optimizer_state": names(state), "cpu_native_bf16": native_bf16("cpu")}
