@@ -139,6 +139,7 @@ def exp1_blocks(cells: list[dict]) -> dict[str, str]:
                     + (" (" + ", ".join(f"{s}@{d}: {em:.2f}" for s, d, em in sorted(measured)) + ")" if measured else "")
                     + f"; skipped for {skipped} whose answer-token loss is above the threshold "
                     f"({sorted({c['config'].get('em_max_loss') for c in finetune if c['task'] == 'gsm8k'})[0]} nats)."]
+    out += ["", "![pruning strategies](img/exp_pruning_strategies.png)"]
     return {"exp1": "\n".join(out)}
 
 
@@ -230,10 +231,15 @@ def exp2_tables(cells: list[dict]) -> tuple[dict[str, str], list[dict]]:
             text += ["", f"Paired differences against `{baseline}` (same seed; negative = better than {baseline}; "
                      "bold = the 95% interval excludes 0):", "",
                      common.markdown_table(["comparison"] + [f"{d} layers" for d in depths], pair_rows)]
+        text += ["", f"![{strategy} {'/'.join(map(str, depths))}](img/{exp2_figure(strategy, depths)})"]
         blocks[name] = "\n".join(text)
         summaries.append({"name": name, "strategy": strategy, "depths": depths, "runs": table_runs,
                           "curves": {(run, d): pts for (reg, run, d), pts in curves.items() if reg == (strategy, depths)}})
     return blocks, summaries
+
+
+def exp2_figure(strategy: str, depths: Sequence[int]) -> str:
+    return f"exp_hetero_{strategy}_{'-'.join(map(str, depths))}.png"
 
 
 def run_order(run: str) -> tuple[int, str]:
@@ -447,7 +453,7 @@ def main(argv: list[str] | None = None) -> int:
         if render_exp1_plot(cells, args.img_dir / "exp_pruning_strategies.png"):
             figures.append("exp_pruning_strategies.png")
         for summary in summaries:
-            name = f"exp_hetero_{summary['strategy']}_{'-'.join(map(str, summary['depths']))}.png"
+            name = exp2_figure(summary["strategy"], summary["depths"])
             render_exp2_plot(summary, args.img_dir / name)
             figures.append(name)
     new = fill(text, blocks)
