@@ -139,6 +139,7 @@ def exp1_blocks(cells: list[dict]) -> dict[str, str]:
                     + (" (" + ", ".join(f"{s}@{d}: {em:.2f}" for s, d, em in sorted(measured)) + ")" if measured else "")
                     + f"; skipped for {skipped} whose answer-token loss is above the threshold "
                     f"({sorted({c['config'].get('em_max_loss') for c in finetune if c['task'] == 'gsm8k'})[0]} nats)."]
+    out += ["", "![pruning strategies](img/exp_pruning_strategies.png)"]
     return {"exp1": "\n".join(out)}
 
 
@@ -230,10 +231,15 @@ def exp2_tables(cells: list[dict]) -> tuple[dict[str, str], list[dict]]:
             text += ["", f"Paired differences against `{baseline}` (same seed; negative = better than {baseline}; "
                      "bold = the 95% interval excludes 0):", "",
                      common.markdown_table(["comparison"] + [f"{d} layers" for d in depths], pair_rows)]
+        text += ["", f"![{strategy} {'/'.join(map(str, depths))}](img/{exp2_figure(strategy, depths)})"]
         blocks[name] = "\n".join(text)
         summaries.append({"name": name, "strategy": strategy, "depths": depths, "runs": table_runs,
                           "curves": {(run, d): pts for (reg, run, d), pts in curves.items() if reg == (strategy, depths)}})
     return blocks, summaries
+
+
+def exp2_figure(strategy: str, depths: Sequence[int]) -> str:
+    return f"exp_hetero_{strategy}_{'-'.join(map(str, depths))}.png"
 
 
 def run_order(run: str) -> tuple[int, str]:
@@ -333,16 +339,44 @@ def cell_kind(experiment: str, name_or_run: str, groups: int) -> tuple[str, str,
     return experiment, family, groups
 
 
-def status_block(cells: list[dict], files: Iterable[str], planned: dict[str, set[str]] | None) -> str:
-    """Cells done, where they ran, and the time left estimated from the measured cost of each kind of cell.
+def layer_steps(name: str) -> int:
+    """Σ over clients of the layers each trains, for an experiment-2 cell file name: its cost scales with it
+    (3 groups of 2 clients; homogeneous and the 30-layer model: all 6 clients at the cell's one depth)."""
+    depths = [int(d) for d in name.split("__")[3].split("-")]
+    return 2 * sum(depths) if len(depths) > 1 else 6 * depths[0]
 
-    Time left is given in CPU hours (process time of the finished cells, so it does not depend on how loaded the
-    machine was) and as wall hours on 2 idle cores, CPU hours / 2 (the cells run 2 torch threads)."""
+
+def in_progress(state_dir: Path | None) -> list[dict]:
+    """Unfinished experiment-2 cells: name, rounds done and CPU seconds so far, from their round checkpoints."""
+    import torch
+
+    out = []
+    for path in sorted(state_dir.glob("*.pt")) if state_dir and state_dir.is_dir() else []:
+        try:
+            payload = torch.load(path, weights_only=False, map_location="cpu")
+        except Exception:  # a checkpoint being replaced right now: skip it this time
+            continue
+        out.append({"name": path.stem + ".json", "round": payload["round"], "rounds": payload["config"]["rounds"],
+                    "cpu": payload.get("cpu_seconds"), "wall": payload.get("seconds")})
+    return out
+
+
+def status_block(cells: list[dict], files: Iterable[str], planned: dict[str, set[str]] | None,
+                 running: Sequence[dict] = ()) -> str:
+    """Cells done, where they ran, and the time left estimated from measured costs.
+
+    Time left is in CPU hours (process time, which does not depend on how loaded the machine was) and as wall
+    hours on 2 idle cores = CPU hours / 2 (the cells run 2 torch threads). An experiment-2 cell is estimated from
+    the finished cells' CPU seconds per layer-step (Σ over clients of the layers trained, `layer_steps`), else from
+    the CPU per round of the cells in progress; an experiment-1 cell from the finished experiment-1 cells."""
     files = set(files)
-    cpu = defaultdict(list)
-    for c in cells:
-        if c.get("cpu_seconds") is not None:
-            cpu[cell_kind(c["experiment"], c["run"], len(c["depths"]))].append(c["cpu_seconds"])
+    per_layer = [c["cpu_seconds"] / layer_steps(cell_file_name(c)) for c in cells
+                 if c["experiment"] == "hetero" and c.get("cpu_seconds")]
+    if not per_layer:
+        per_layer = [r["cpu"] / r["round"] * r["rounds"] / layer_steps(r["name"]) for r in running
+                     if r["cpu"] and r["round"]]
+    exp1_cpu = [c["cpu_seconds"] for c in cells if c["experiment"] == "pruning" and c["run"] == "finetune"
+                and c.get("cpu_seconds")]
     machines = sorted({f"{c['machine']['cpu']} ({c['machine']['cores']} cores)"
                        + (f", {c['machine']['gpu']}" if c["machine"].get("gpu") else "") for c in cells})
     precisions = sorted({f"{c['device']}, {c['precision']}" for c in cells})
@@ -352,26 +386,34 @@ def status_block(cells: list[dict], files: Iterable[str], planned: dict[str, set
     lines = [f"Cells finished: **{len(cells)}**; {wall / 3600:.2f} h of cell wall time and {cpu_total / 3600:.2f} "
              f"CPU hours in all, on {'; '.join(machines) or '–'} ({'; '.join(precisions) or '–'}); commits "
              f"{', '.join(commits) or '–'}."]
+    if running:
+        lines += ["", "In progress: " + "; ".join(
+            f"`{r['name'].removesuffix('.json')}` after round {r['round']} of {r['rounds']} ({(r['cpu'] or 0) / 60:.0f} "
+            f"CPU min, {(r['wall'] or 0) / 60:.0f} wall min)" for r in running) + "."]
     if planned:
         rows = []
         for experiment, names in planned.items():
-            todo = names - files
-            kinds: dict = defaultdict(int)
-            for name in todo:
-                parts = name.split("__")
-                kinds[cell_kind(experiment, parts[1], len(parts[3].split("-")))] += 1
-            estimate, unknown = 0.0, 0
-            for kind, count in kinds.items():
-                measured = cpu.get(kind)
-                if measured:
-                    estimate += count * statistics.fmean(measured)
-                else:
-                    unknown += count
-            rows.append([experiment, f"{len(names & files)} / {len(names)}", f"{estimate / 3600:.1f}",
-                         f"{estimate / 7200:.1f}", str(unknown)])
-        lines += ["", common.markdown_table(["experiment", "cells done / planned", "CPU hours left (timed kinds)",
-                                             "≈ hours on 2 idle cores", "cells of a kind not yet timed"], rows)]
+            todo = sorted(names - files)
+            if experiment == "hetero":
+                cost = statistics.fmean(per_layer) if per_layer else None
+                estimate = sum(layer_steps(n) for n in todo) * cost if cost else None
+            else:
+                estimate = len([n for n in todo if "__finetune__" in n]) * statistics.fmean(exp1_cpu) if exp1_cpu \
+                    else None
+            rows.append([experiment, f"{len(names & files)} / {len(names)}",
+                         "not yet timed" if estimate is None else f"{estimate / 3600:.1f}",
+                         "–" if estimate is None else f"{estimate / 7200:.1f}"])
+        lines += ["", common.markdown_table(["experiment", "cells done / planned", "CPU hours left",
+                                             "≈ hours left on 2 idle cores"], rows)]
     return "\n".join(lines)
+
+
+def cell_file_name(cell: dict) -> str:
+    """The file name an experiment-2 cell was written under (see exp_hetero_vs_homo.Cell.name)."""
+    budget = cell["budget"]
+    return common.cell_name(cell["experiment"], cell["run"], cell["strategy"], cell["depths"],
+                            f"s{cell['seed']['training']}p{cell['seed']['partition']}",
+                            f"r{budget['rounds']}x{budget['local_steps']}b{budget['examples_per_step']}") + ".json"
 
 
 BLOCK = re.compile(r"<!-- BEGIN (?P<name>[\w.-]+) -->\n.*?<!-- END (?P=name) -->", re.S)
@@ -393,6 +435,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--img-dir", type=Path, default=ROOT / "docs/img", help="where the figures go")
     parser.add_argument("--no-plan", action="store_true",
                         help="do not count planned cells (needs the default model to resolve)")
+    parser.add_argument("--state-dir", type=Path, default=None,
+                        help="the running grid's --state-dir: its round checkpoints show the cells in progress")
     parser.add_argument("--check", action="store_true", help="only compare; exit 1 when the document is stale")
     args = parser.parse_args(argv)
     cells = load_cells(args.data_dir)
@@ -401,7 +445,7 @@ def main(argv: list[str] | None = None) -> int:
     blocks |= exp2_blocks
     blocks["exp2-findings"] = exp2_findings(summaries)
     blocks["grid-status"] = status_block(cells, (p.name for p in args.data_dir.glob("*.json")),
-                                         None if args.no_plan else planned_cells())
+                                         None if args.no_plan else planned_cells(), in_progress(args.state_dir))
     text = args.doc.read_text(encoding="utf-8")
     figures = []
     if not args.check:
@@ -409,7 +453,7 @@ def main(argv: list[str] | None = None) -> int:
         if render_exp1_plot(cells, args.img_dir / "exp_pruning_strategies.png"):
             figures.append("exp_pruning_strategies.png")
         for summary in summaries:
-            name = f"exp_hetero_{summary['strategy']}_{'-'.join(map(str, summary['depths']))}.png"
+            name = exp2_figure(summary["strategy"], summary["depths"])
             render_exp2_plot(summary, args.img_dir / name)
             figures.append(name)
     new = fill(text, blocks)
