@@ -199,8 +199,9 @@ def native_bf16(device: str) -> bool:
     AVX512-BF16 or AMX-BF16. Elsewhere bf16 works but is emulated through fp32, slower than fp32 itself."""
     if device == "cuda":
         return bool(torch.cuda.is_bf16_supported(including_emulation=False))
-    capability = torch._C._cpu._get_cpu_capability()  # torch's cpuinfo flags, the ones its kernels dispatch on
-    return bool(capability.get("avx512_bf16") or capability.get("amx_bf16"))
+    from edge_client.profiling import cpu_has_native_bf16
+
+    return cpu_has_native_bf16()
 
 
 @functools.cache
