@@ -71,6 +71,14 @@ def probe_bitsandbytes() -> bool:
     return bitsandbytes_available()
 
 
+def probe_bf16_works() -> bool:
+    """A bf16 matmul forward and backward ran correctly on the training device (`edge_client.model.probe_bf16`, the
+    try `prufed doctor` reports)."""
+    from edge_client.model import probe_bf16
+
+    return probe_bf16().ok
+
+
 def _read_text(path: Path) -> str | None:
     try:
         return path.read_bytes().decode(errors="replace").replace("\x00", "").strip() or None
@@ -133,12 +141,13 @@ def profile_device(
     sensors: Any = "psutil",
     cuda: Callable[[], CudaInfo | None] = probe_cuda,
     bnb: Callable[[], bool] = probe_bitsandbytes,
+    bf16: Callable[[], bool] = probe_bf16_works,
     profiles: list[HardwareProfile] | None = None,
     budget_fraction: float = PROBE_BUDGET_FRACTION,
 ) -> HardwareSpec:
     """Probe this machine and name the nearest shipped hardware profile.
 
-    sensors: a psutil-like module (None = no psutil); cuda/bnb: probe callables; profiles: candidates for
+    sensors: a psutil-like module (None = no psutil); cuda/bnb/bf16: probe callables; profiles: candidates for
     `nearest_profile` (default: the shipped YAML files). Memory: VRAM for a discrete GPU; system RAM for a CPU
     or a Jetson (unified), where available = min(CUDA free, RAM available).
     """
@@ -174,7 +183,7 @@ def profile_device(
         compute_capability=gpu.capability if gpu else None,
         bnb_4bit=bnb_ok,
         budget_fraction=budget_fraction,
-        cpu_bf16=_safe(_cpu_native_bf16),
+        cpu_bf16=bool(_safe(_cpu_native_bf16)) and bool(_safe(bf16)),  # native, and a bf16 matmul was tried
         default_quant=default_quant,
         system_ram_bytes=ram_total,
         system_available_bytes=ram_available,

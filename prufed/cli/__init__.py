@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 from prufed import __version__
 from prufed.cli import quiet
-from prufed.cli.extras import COMMAND_EXTRAS, install_hint, missing_extras, missing_extras_message
+from prufed.cli.extras import COMMAND_EXTRAS, extras_providing, install_hint, missing_extras, missing_extras_message
 from prufed.common.errors import PrufedError
 
 COMMAND_MODULES: tuple[str, ...] = (
@@ -62,10 +62,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except ModuleNotFoundError as exc:
-        # Reached only without installed metadata (a source checkout on PYTHONPATH) or a broken environment.
+        # A module outside the command's own extras (export-adapter --db needs the aggregator's store), a
+        # source checkout on PYTHONPATH (no metadata to check up front) or a broken environment.
         if exc.name is None or exc.name.partition(".")[0] in FIRST_PARTY:
             raise
-        hint = install_hint(extras) if extras else "pip install --force-reinstall prufed"
+        providers = extras_providing(exc.name)
+        needed = [extra for extra in providers if extra in extras] or providers or list(extras)
+        hint = install_hint(needed) if needed else "pip install --force-reinstall prufed"
         print(f"error: {exc.name} is not installed; `prufed {args.command}` needs {hint}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
