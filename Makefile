@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.prufed-installed
 
-.PHONY: setup demo test lint protos check-protos clean
+.PHONY: setup demo test lint check-postgres protos check-protos clean
 
 setup: $(STAMP)
 
@@ -29,13 +29,22 @@ lint: setup
 	$(BIN)/mypy
 	$(BIN)/lint-imports --no-cache
 
-test: lint
+# The store/round/fault/concurrency tests run on a throwaway PostgreSQL too: without its server binaries, stop here
+# with the Debian package to install rather than failing test by test (never a quiet skip).
+test: lint check-postgres
 	$(BIN)/python -m pytest -n 2 --dist loadfile --durations=15
+
+check-postgres: setup
+	$(BIN)/python tests/postgres_cluster.py
 
 protos: setup
 	$(BIN)/python scripts/gen_protos.py
 
-check-protos: setup
+check-check-postgres:
+	@PYTHONPATH=tests $(BIN)/python -c 'import sys, postgres_cluster as pg; \
+	exec("try: pg.find_bin_dir()\nexcept pg.PostgresMissing as e: sys.exit(f\"make test: {e}\")")'
+
+protos: setup
 	$(BIN)/python scripts/gen_protos.py --check
 
 clean:

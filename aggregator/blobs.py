@@ -50,6 +50,7 @@ class BlobStore:
     def put_bytes(self, data: bytes) -> str:
         sha = hashlib.sha256(data).hexdigest()
         if self.path(sha).is_file():
+            os.utime(self.path(sha))  # a fresh mtime keeps it out of the orphan sweep until its row exists
             return sha
         fd, tmp = self.temp_file()
         with os.fdopen(fd, "wb") as handle:
@@ -60,6 +61,21 @@ class BlobStore:
 
     def read_bytes(self, ref: str) -> bytes:
         return self.path(ref).read_bytes()
+
+    def sweep_orphans(self, referenced: set[str], grace_s: float) -> int:
+        """Delete blobs that no row references and that are older than `grace_s` (a younger one may be between its
+        rename and its row insert: `adopt` and `put_bytes` leave a fresh mtime). Returns how many were removed."""
+        cutoff = time.time() - grace_s
+        removed = 0
+        for shard in self.root.iterdir():
+            if not (shard.is_dir() and len(shard.name) == 2):
+                continue
+            for blob in shard.iterdir():
+                with contextlib.suppress(FileNotFoundError):
+                    if blob.name not in referenced and blob.stat().st_mtime < cutoff:
+                        blob.unlink()
+                        removed += 1
+        return removed
 
     def sweep_partials(self, older_than_s: float = 3600.0) -> int:
         """Delete abandoned partial streams: those of a dead local process (the pid prefixes the name), or older

@@ -7,6 +7,7 @@ replica can serve any call and a restart resumes where the DB stands.
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -18,6 +19,8 @@ from aggregator.rounds import Rounds
 from aggregator.state import CLOSED, FAILED, Store
 from aggregator.uploads import Uploads
 
+log = logging.getLogger("prufed.aggregator")
+
 
 class Federation:
     """One object per server process: the role modules, sharing a store, a config and a clock."""
@@ -28,15 +31,26 @@ class Federation:
         self.config = config
         self.clock = clock
         self.globals = Globals(store, config, clock)
-        self.clients = Clients(store, clock)
+        self.clients = Clients(store, config, clock)
         self.rounds = Rounds(store, config, self.globals, clock, replica)
         self.uploads = Uploads(store, config, self.globals, clock)
 
     def initialize(self, model_dir: Path) -> int:
-        """Write global version 0 if absent and sweep partial uploads of dead processes; returns the latest version."""
+        """Write global version 0 if absent, sweep partial uploads of dead processes and unreferenced blobs; returns
+        the latest version."""
         version = self.globals.initialize(model_dir)
         self.store.blobs.sweep_partials()
+        self.sweep_blobs()
         return version
+
+    def sweep_blobs(self) -> int:
+        """Delete blobs no row references (older than `blob_sweep_grace_s`); returns how many were removed."""
+        with self.store.read() as tx:
+            referenced = tx.referenced_blobs()
+        removed = self.store.blobs.sweep_orphans(referenced, self.config.blob_sweep_grace_s)
+        if removed:
+            log.warning("swept unreferenced blobs", extra={"removed": removed})
+        return removed
 
     def tick(self) -> list[int]:
         return self.rounds.tick()

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,15 +38,19 @@ class GroupClose:
     report: dict[str, Any]
     examples: int
     keys_held: int
+    problem: str | None = None  # set: a group's result failed the publish check; nothing was written
 
 
 def close_groups(store: Store, globals_: Globals, config: AggregatorConfig, base_version: int, round_id: int,
-                 uploads: Sequence[Any], num_layers: int, base_model: str) -> GroupClose:
+                 uploads: Sequence[Any], num_layers: int, base_model: str,
+                 bounds: Mapping[str, tuple[float, float]] | None = None,
+                 check_result: Callable[[dict, dict], str | None] | None = None) -> GroupClose:
     """Fold a round's uploads (content order, one in memory at a time) into version base+1 of every group.
 
     Groups carried from the base version get a new global too (mixed/additive move them by the other groups'
     steps; fedavg-group copies them bit for bit). A group new this round starts from the base version's shared
-    global.
+    global. `bounds[client_id] = (weight, clip_scale)` applies the server's poisoning defences to each update;
+    `check_result(new_state, old_state)` returning a reason refuses the whole close before any blob is written.
     """
     from aggregator.core.modes import group_aggregator
     from prufed.common.adapter_format import load_adapter
@@ -61,10 +65,20 @@ def close_groups(store: Store, globals_: Globals, config: AggregatorConfig, base
     examples = 0
     for up in uploads:
         tensors, _meta = load_adapter(store.blobs.path(up.blob))
-        aggregator.add(layers[up.client_id] or (), tensors, up.num_examples, name=up.client_id)
+        weight, scale = bounds.get(up.client_id, (None, 1.0)) if bounds else (None, 1.0)
+        if scale < 1.0:
+            for value in tensors.values():
+                value.mul_(scale)
+        aggregator.add(layers[up.client_id] or (), tensors, up.num_examples, name=up.client_id, weight=weight)
         examples += up.num_examples
         del tensors
     results = aggregator.finish()
+    if check_result is not None:
+        for group, result in sorted(results.items()):
+            base = group_states.get(group) or globals_.blob_state(base_row.blob)
+            problem = check_result(result.state, base)
+            if problem is not None:
+                return GroupClose(base_row.blob, [], {}, examples, 0, f"group {list(group)}: {problem}")
     groups, reports, held = [], [], set()
     for group, result in sorted(results.items()):
         blob = globals_.put(result.state, num_layers, base_model, round_id)

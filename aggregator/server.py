@@ -11,6 +11,7 @@ import json
 import logging
 import sys
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,7 @@ from aggregator.federation import Federation
 from aggregator.servicer import AggregatorServicer, bearer_token, refuse
 from aggregator.state import Store
 from prufed.common.errors import ConfigError
+from prufed.common.net import is_loopback_host
 from prufed.common.refusals import RefusalCode, Refused
 from prufed.common.wire import MESSAGE_CAP_BYTES
 from prufed.v1 import aggregator_pb2_grpc as pb_grpc
@@ -32,7 +34,6 @@ from prufed.v1 import aggregator_pb2_grpc as pb_grpc
 log = logging.getLogger("prufed.aggregator")
 
 SERVICE_NAME = "prufed.v1.Aggregator"
-LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1", "[::1]"})
 TICK_INTERVAL_S = 0.5
 
 
@@ -73,6 +74,10 @@ def configure_json_logging(level: int = logging.INFO) -> None:
     root.handlers[:] = [handler]
     root.setLevel(level)
     root.propagate = False
+    grpc_log = logging.getLogger("grpc")  # gRPC's own errors (e.g. "Exception calling application") reach the log
+    grpc_log.handlers[:] = [handler]
+    grpc_log.setLevel(logging.WARNING)
+    grpc_log.propagate = False
 
 
 class Metrics:
@@ -178,10 +183,6 @@ def split_address(address: str) -> tuple[str, int]:
     return host, int(port)
 
 
-def is_loopback(host: str) -> bool:
-    return host in LOOPBACK_HOSTS or host.startswith("127.")
-
-
 class AggregatorServer:
     """A started gRPC server plus its round ticker; `stop()` ends both."""
 
@@ -190,6 +191,7 @@ class AggregatorServer:
         self.federation = federation
         self.metrics = metrics
         self.dashboard: Dashboard | None = None
+        self._next_sweep = 0.0
         self._wake = threading.Event()
         self._stopped = threading.Event()
         self._ticker = threading.Thread(target=self._tick_loop, name="round-ticker", daemon=True)
@@ -205,6 +207,9 @@ class AggregatorServer:
         while not self._stopped.is_set():
             try:
                 self.federation.tick()
+                if time.monotonic() >= self._next_sweep:
+                    self._next_sweep = time.monotonic() + self.federation.config.blob_sweep_interval_s
+                    self.federation.sweep_blobs()
             except Exception:  # a DB hiccup must not kill the ticker; the next tick retries
                 log.exception("round tick failed")
             self._wake.wait(TICK_INTERVAL_S)
@@ -222,9 +227,27 @@ class AggregatorServer:
         return self.grpc.wait_for_termination(timeout)
 
 
+def server_options(config: AggregatorConfig) -> list[tuple[str, int]]:
+    """gRPC channel arguments: message caps, keepalive and connection age (docs/deployment.md explains each)."""
+    def ms(seconds: float) -> int:
+        return int(seconds * 1000)
+
+    return [("grpc.max_receive_message_length", MESSAGE_CAP_BYTES),
+            ("grpc.max_send_message_length", MESSAGE_CAP_BYTES),
+            ("grpc.so_reuseport", 0),
+            ("grpc.keepalive_time_ms", ms(config.keepalive_time_s)),
+            ("grpc.keepalive_timeout_ms", ms(config.keepalive_timeout_s)),
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.min_ping_interval_without_data_ms", 10_000),  # clients may ping every 10 s, not faster
+            ("grpc.http2.max_ping_strikes", 2),
+            ("grpc.max_connection_idle_ms", ms(config.max_connection_idle_s)),
+            ("grpc.max_connection_age_ms", ms(config.max_connection_age_s)),
+            ("grpc.max_connection_age_grace_ms", ms(config.upload_deadline_s))]
+
+
 def create_server(address: str, store: Store, config: AggregatorConfig, tls: TLSConfig | None = None, *,
                   enroll_tokens: Sequence[str] = (), insecure: bool = False, model_dir: Path | None = None,
-                  metrics_port: int | None = None, max_workers: int = 64,
+                  metrics_port: int | None = None,
                   dashboard: DashboardConfig | None = None) -> tuple[AggregatorServer, int]:
     """Build, bind and start the server; returns it and the bound port (useful with port 0).
 
@@ -232,7 +255,7 @@ def create_server(address: str, store: Store, config: AggregatorConfig, tls: TLS
     initialised (global version 0 written) first.
     """
     host, _port = split_address(address)
-    if tls is None and not insecure and not is_loopback(host):
+    if tls is None and not insecure and not is_loopback_host(host):
         raise ConfigError("--listen", f"refusing to serve {host} without TLS; give --tls-cert/--tls-key or --insecure")
     if not enroll_tokens:
         raise ConfigError("--enroll-token", "Register must be gated: give --enroll-token or --tokens-file")
@@ -241,15 +264,18 @@ def create_server(address: str, store: Store, config: AggregatorConfig, tls: TLS
         federation.initialize(model_dir)
     metrics = Metrics()
     federation.rounds.on_round_closed = metrics.round_closed
-    options = [("grpc.max_receive_message_length", MESSAGE_CAP_BYTES),
-               ("grpc.max_send_message_length", MESSAGE_CAP_BYTES),
-               ("grpc.so_reuseport", 0)]
     from concurrent.futures import ThreadPoolExecutor
 
-    grpc_server = grpc.server(ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="rpc"),
-                              interceptors=[AuthInterceptor(federation, enroll_tokens, metrics)], options=options)
+    # uploads hold a pool thread each and are capped at max_concurrent_uploads, so control_workers threads stay
+    # free for PullTask / Health / Register / DownloadGlobal however many uploads are open
+    workers = config.max_concurrent_uploads + config.control_workers
+    grpc_server = grpc.server(ThreadPoolExecutor(max_workers=workers, thread_name_prefix="rpc"),
+                              interceptors=[AuthInterceptor(federation, enroll_tokens, metrics)],
+                              options=server_options(config))
     server = AggregatorServer(grpc_server, federation, metrics)
-    pb_grpc.add_AggregatorServicer_to_server(AggregatorServicer(federation, config, metrics, server.wake), grpc_server)
+    mtls = tls is not None and tls.client_ca_file is not None
+    servicer = AggregatorServicer(federation, config, metrics, server.wake, mtls=mtls)
+    pb_grpc.add_AggregatorServicer_to_server(servicer, grpc_server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, grpc_server)
     port = grpc_server.add_secure_port(address, tls.credentials()) if tls else grpc_server.add_insecure_port(address)

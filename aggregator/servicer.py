@@ -12,11 +12,13 @@ import functools
 import hashlib
 import json
 import logging
+import ssl
 from collections.abc import Callable, Iterator
 from typing import NoReturn
 
 import grpc
 
+from aggregator.clients import Enrolment
 from aggregator.config import AggregatorConfig
 from aggregator.federation import Federation
 from aggregator.rounds import DONE, TASK
@@ -28,6 +30,9 @@ from prufed.v1 import aggregator_pb2_grpc as pb_grpc
 log = logging.getLogger("prufed.aggregator")
 
 TASK_KIND = {TASK: pb.Task.TASK, DONE: pb.Task.DONE}
+CLIENT_CALLS = frozenset({"PullTask", "DownloadGlobal", "UploadUpdate"})
+"""Calls made with a per-client token: under mTLS each must present the certificate bound at registration."""
+INT32_MAX = 2**31 - 1
 
 
 def status_of(code: RefusalCode) -> grpc.StatusCode:
@@ -48,6 +53,14 @@ def caller_id(context: grpc.ServicerContext) -> str:
     return token.partition(".")[0]
 
 
+def cert_fingerprint(context: grpc.ServicerContext) -> str | None:
+    """sha256 (hex, of the DER bytes) of the peer's TLS client certificate, if it presented one."""
+    pems = context.auth_context().get("x509_pem_cert")
+    if not pems:
+        return None
+    return hashlib.sha256(ssl.PEM_cert_to_DER_cert(pems[0].decode())).hexdigest()
+
+
 def refuse(context: grpc.ServicerContext, metrics, method: str, error: Refused) -> NoReturn:
     """Log, count and send one refusal (the only place a call is aborted)."""
     metrics.refused(method, error.code)
@@ -64,6 +77,8 @@ def rpc(method: Callable) -> Callable:
     @functools.wraps(method)
     def wrapper(self: AggregatorServicer, request, context: grpc.ServicerContext):
         try:
+            if self.mtls and name in CLIENT_CALLS:
+                self.fed.clients.check_cert(caller_id(context), cert_fingerprint(context))
             return method(self, request, context)
         except Refused as exc:
             error = exc
@@ -99,11 +114,13 @@ def decode_upload(messages: Iterator[pb.UploadChunk]) -> Iterator[UploadPart]:
 
 
 class AggregatorServicer(pb_grpc.AggregatorServicer):
-    def __init__(self, federation: Federation, config: AggregatorConfig, metrics, on_upload: Callable[[], None]):
+    def __init__(self, federation: Federation, config: AggregatorConfig, metrics, on_upload: Callable[[], None],
+                 *, mtls: bool = False):
         self.fed = federation
         self.config = config
         self.metrics = metrics
         self.on_upload = on_upload
+        self.mtls = mtls
 
     def _training(self) -> pb.TrainingParams:
         c = self.config
@@ -112,12 +129,12 @@ class AggregatorServicer(pb_grpc.AggregatorServicer):
     @rpc
     def Register(self, request: pb.RegisterRequest, context) -> pb.RegisterReply:
         hw = request.hardware
-        profile = json.loads(hw.profile_json) if hw.profile_json else {}
-        profile.setdefault("summary", {"name": hw.name, "accelerator": hw.accelerator,
-                                       "total_memory_bytes": hw.total_memory_bytes,
-                                       "budget_bytes": hw.budget_bytes, "bnb_4bit": hw.bnb_4bit})
-        client_id, token = self.fed.clients.register(list(request.kept_layers), profile, name=request.name,
-                                                     base_model=request.base_model)
+        summary = {"name": hw.name[:200], "accelerator": hw.accelerator[:64], "total_memory_bytes": hw.total_memory_bytes,
+                   "budget_bytes": hw.budget_bytes, "bnb_4bit": hw.bnb_4bit}
+        client_id, token = self.fed.clients.enrol(Enrolment(
+            tuple(request.kept_layers), hw.profile_json, summary, name=request.name, base_model=request.base_model,
+            enroll_token=bearer_token(context.invocation_metadata()) or "", peer=context.peer(),
+            cert_sha256=cert_fingerprint(context) if self.mtls else None))
         params = self.fed.globals.params()
         c = self.config
         federation = pb.FederationParams(
@@ -138,6 +155,8 @@ class AggregatorServicer(pb_grpc.AggregatorServicer):
         with self.fed.store.read() as tx:
             kept = self.fed.clients.layers(tx, caller_id(context))
         version = request.version if request.HasField("version") else None
+        if version is not None and version > INT32_MAX:
+            raise Refused(RefusalCode.BAD_REQUEST, f"version must be <= {INT32_MAX}, got {version}")
         version, round_id, payload = self.fed.globals.slice(kept, version)
         return self._chunks(pb.DownloadHeader(version=version, round=round_id, total_bytes=len(payload),
                                               sha256=hashlib.sha256(payload).hexdigest(), kept_layers=list(kept),

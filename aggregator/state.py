@@ -3,7 +3,10 @@
 SQLAlchemy Core, portable SQL only: SQLite by default (one file, shared by replicas on one host), PostgreSQL by URL
 (replicas on several hosts). Every state change is one transaction. On SQLite, write transactions start with
 BEGIN IMMEDIATE, so two server processes on one file serialise instead of failing late; WAL lets readers run beside
-a writer. No other aggregator module issues SQL: they call the `Tx` methods below.
+a writer. On PostgreSQL, write transactions take one transaction-scoped advisory lock first (the same serial order
+between replicas on any host, so read-then-write logic such as "claim the close if quorum" or "insert the upload
+unless one exists" cannot interleave), and read transactions run at REPEATABLE READ (one snapshot per read).
+No other aggregator module issues SQL: they call the `Tx` methods below.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import (
+    DDL,
     Column,
     Float,
     Integer,
@@ -27,6 +31,7 @@ from sqlalchemy import (
     event,
     func,
     insert,
+    inspect,
     select,
     update,
 )
@@ -34,6 +39,8 @@ from sqlalchemy.engine import Connection, Engine, Row, make_url
 
 from aggregator.blobs import BlobStore
 from prufed.common.errors import ConfigError
+
+WRITE_LOCK_KEY = 0x70727566  # "pruf": the advisory lock every PostgreSQL write transaction holds until commit
 
 OPEN, CLOSING, CLOSED, FAILED = "open", "closing", "closed", "failed"
 """Round states: open (sampled, accepting) -> closing (claimed with a lease) -> closed | failed."""
@@ -50,6 +57,7 @@ clients = Table(
     Column("name", String(200), nullable=False, default=""),
     Column("registered_at", Float, nullable=False),
     Column("last_seen", Float, nullable=False),
+    Column("cert_sha256", String(64)),  # under mTLS: sha256 of the client certificate bound at registration
 )
 
 rounds = Table(
@@ -77,6 +85,7 @@ uploads = Table(
     Column("num_examples", Integer, nullable=False),
     Column("blob", String(200), nullable=False),
     Column("accepted_at", Float, nullable=False),
+    Column("norm", Float),  # ‖Δ‖₂ of the update, for the round's adaptive clipping
     UniqueConstraint("round", "client_id", name="uq_upload_round_client"),
 )
 
@@ -164,10 +173,17 @@ class Tx:
 
     # ---- clients --------------------------------------------------------------------------------------------
     def insert_client(self, client_id: str, salt: str, token_hash: str, kept_layers: Sequence[int], profile: str,
-                      name: str, now: float) -> None:
+                      name: str, now: float, cert_sha256: str | None = None) -> None:
         self.conn.execute(insert(clients).values(
             id=client_id, token_salt=salt, token_hash=token_hash, kept_layers=json.dumps(list(kept_layers)),
-            profile=profile, name=name, registered_at=now, last_seen=now))
+            profile=profile, name=name, registered_at=now, last_seen=now, cert_sha256=cert_sha256))
+
+    def count_clients(self) -> int:
+        return int(self.conn.execute(select(func.count()).select_from(clients)).scalar_one())
+
+    def client_cert(self, client_id: str) -> str | None:
+        """The certificate fingerprint bound to a client (None: registered without mTLS, or unknown)."""
+        return self.conn.execute(select(clients.c.cert_sha256).where(clients.c.id == client_id)).scalar()
 
     def client_credentials(self, client_id: str) -> Row | None:
         """(token_salt, token_hash) of a client, or None."""
@@ -239,19 +255,26 @@ class Tx:
                                                        uploads.c.client_id == client_id)).first()
 
     def insert_upload(self, upload_id: str, round_id: int, client_id: str, sha256: str, size: int,
-                      num_examples: int, blob: str, now: float) -> None:
+                      num_examples: int, blob: str, now: float, norm: float | None = None) -> None:
         self.conn.execute(insert(uploads).values(
             id=upload_id, round=round_id, client_id=client_id, sha256=sha256, bytes=size, num_examples=num_examples,
-            blob=blob, accepted_at=now))
+            blob=blob, accepted_at=now, norm=norm))
+
+    def referenced_blobs(self) -> set[str]:
+        """Every blob ref a row points at (uploads and global versions)."""
+        refs = {r.blob for r in self.conn.execute(select(uploads.c.blob))}
+        return refs | {r.blob for r in self.conn.execute(select(global_versions.c.blob))}
 
     def count_uploads(self, round_id: int) -> int:
         return int(self.conn.execute(select(func.count()).select_from(uploads)
                                      .where(uploads.c.round == round_id)).scalar_one())
 
     def round_uploads(self, round_id: int) -> list[Row]:
-        """A round's uploads in content order (sha256, then client id), so sums are the same on every replica."""
-        return list(self.conn.execute(select(uploads).where(uploads.c.round == round_id)
-                                      .order_by(uploads.c.sha256, uploads.c.client_id)).fetchall())
+        """A round's uploads in content order (sha256, then client id), so sums are the same on every replica.
+
+        Sorted here, not by ORDER BY: PostgreSQL would order text by its collation, SQLite bytewise."""
+        rows = self.conn.execute(select(uploads).where(uploads.c.round == round_id)).fetchall()
+        return sorted(rows, key=lambda r: (r.sha256, r.client_id))
 
     def insert_upload_eval(self, round_id: int, client_id: str, loss: float, examples: int) -> None:
         self.conn.execute(insert(upload_evals).values(round=round_id, client_id=client_id, loss=loss,
@@ -294,10 +317,16 @@ class Store:
         else:
             if blob_dir is None:
                 raise ConfigError("--blob-dir", "a non-SQLite database needs an explicit blob directory")
-            self.engine = create_engine(url, pool_pre_ping=True)
+            # one connection per concurrently busy RPC thread, up to the server's 64 workers
+            self.engine = create_engine(url, pool_pre_ping=True, pool_size=16, max_overflow=48, pool_timeout=60)
             default_blobs = Path(blob_dir)
         self.blobs = BlobStore(Path(blob_dir) if blob_dir is not None else default_blobs)
-        metadata.create_all(self.engine)
+        with self.engine.connect() as conn:  # replicas starting together must not race on CREATE TABLE
+            conn.execution_options(prufed_write=True)
+            with conn.begin():
+                self._lock_writes(conn)
+                metadata.create_all(conn)
+                _add_missing_columns(conn)
 
     @contextlib.contextmanager
     def write(self) -> Iterator[Tx]:
@@ -305,15 +334,36 @@ class Store:
         with self.engine.connect() as conn:
             conn.execution_options(prufed_write=True)
             with conn.begin():
+                self._lock_writes(conn)
                 yield Tx(conn)
 
     @contextlib.contextmanager
     def read(self) -> Iterator[Tx]:
-        with self.engine.connect() as conn, conn.begin():
-            yield Tx(conn)
+        with self.engine.connect() as conn:
+            if not self.is_sqlite:
+                conn.execution_options(isolation_level="REPEATABLE READ")
+            with conn.begin():
+                yield Tx(conn)
+
+    def _lock_writes(self, conn: Connection) -> None:
+        """PostgreSQL: serialise write transactions across replicas (SQLite's BEGIN IMMEDIATE does it there)."""
+        if not self.is_sqlite:
+            conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({WRITE_LOCK_KEY})")
 
     def dispose(self) -> None:
         self.engine.dispose()
+
+
+def _add_missing_columns(conn: Connection) -> None:
+    """Bring a database made by an older PruFed up to date: ALTER TABLE ... ADD COLUMN for nullable columns only
+    (portable to SQLite and PostgreSQL; create_all never alters an existing table)."""
+    inspector = inspect(conn)
+    for table in metadata.sorted_tables:
+        present = {c["name"] for c in inspector.get_columns(table.name)}
+        for column in table.columns:
+            if column.name not in present and column.nullable:
+                kind = column.type.compile(dialect=conn.dialect)
+                conn.execute(DDL(f"ALTER TABLE {table.name} ADD COLUMN {column.name} {kind}"))
 
 
 def _configure_sqlite(engine: Engine) -> None:

@@ -38,7 +38,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from edge_client.backoff import BackoffPolicy
@@ -114,40 +114,29 @@ def fault_point(name: str, round_id: int) -> None:
 # ---- planning ---------------------------------------------------------------------------------------------------
 def hardware_spec(config: AgentConfig):
     """The device as the planner sees it: an emulated profile / budget, or this machine's probe."""
-    from edge_client.core.hardware import GIB, spec_from_profile
+    from edge_client.planning import device_spec
 
-    if config.profile is not None:
-        from edge_client.hardware_profiles import get_profile
-
-        spec = spec_from_profile(get_profile(config.profile))
-    else:
-        from edge_client.profiling import profile_device
-
-        spec = profile_device()
-    if config.budget_gib is not None:
-        spec = replace(spec, available_memory_bytes=int(config.budget_gib * GIB), budget_fraction=1.0,
-                       source=f"budget:{config.budget_gib}GiB")
-    return spec
+    return device_spec(config.profile, config.budget_gib)
 
 
 def plan_layers(config: AgentConfig, spec) -> tuple[PruningPlan, dict]:
-    """The pruning plan: --depth N, or the deepest depth whose predicted training memory fits the budget."""
+    """The pruning plan and precision (`edge_client.planning`, the planner `prufed plan` and `prufed train` use):
+    --depth N, or the deepest depth whose predicted training memory fits the budget. The federation's training
+    hyper-parameters arrive after registration, so the plan assumes `prufed plan`'s defaults (seq 256, batch 1,
+    LoRA r=8 on q,v)."""
+    from edge_client.core.memory import TrainingSetup
     from edge_client.layer_scores import plan_for_model, source_model_dir
+    from edge_client.model import check_quant_available
+    from edge_client.planning import budget_label, plan_training
     from prufed.common.models import read_model_config
 
     model_dir = source_model_dir(config.model)
-    if config.depth == "auto":
-        from edge_client.core.memory import TrainingSetup, choose_depth
-        from edge_client.model import resolve_quant
-
-        quant = spec.default_quant if config.quant == "auto" else resolve_quant(config.quant)
-        setup = TrainingSetup(quant=quant, gradient_checkpointing=config.gradient_checkpointing,
-                              accelerator=spec.accelerator)
-        depth = choose_depth(read_model_config(model_dir), spec.budget_bytes, setup)
-        choice = {"mode": "auto", "budget_bytes": spec.budget_bytes, "quant": quant}
-    else:
-        depth, choice = int(config.depth), {"mode": "fixed"}
-    return plan_for_model(config.model, config.strategy, depth, config.protect), choice
+    planned = plan_training(read_model_config(model_dir), spec,
+                            TrainingSetup(gradient_checkpointing=config.gradient_checkpointing),
+                            quant=config.quant, depth=config.depth, budget_source=budget_label(config.profile, config.budget_gib))
+    check_quant_available(planned.quant)
+    choice = planned.choice("auto" if config.depth == "auto" else "fixed")
+    return plan_for_model(config.model, config.strategy, planned.depth, config.protect), choice
 
 
 def load_private_examples(config: AgentConfig) -> list:
@@ -294,8 +283,9 @@ class Agent:
         config = TrainConfig(
             model=self.config.model or TrainConfig.model, kept_layers=self.kept_layers, max_steps=steps,
             batch_size=batch, lr=float(hp.get("lr") or 2e-4), seq_len=int(hp.get("seq_len") or 256),
+            quant=(self.state.get("depth_choice") or {}).get("quant", self.config.quant),  # the registered plan's
             lora_r=int(lora["r"]), lora_alpha=int(alpha) if alpha.is_integer() else alpha,
-            lora_targets=tuple(lora["targets"]), quant=self.config.quant, seed=self.config.seed,
+            lora_targets=tuple(lora["targets"]), seed=self.config.seed,
             warmup_steps=min(5, steps // 4), eval_fraction=0.0, checkpoint_every=1,
             gradient_checkpointing=self.config.gradient_checkpointing, verbose=self.config.verbose)
 

@@ -92,7 +92,7 @@ class AggregatorClient:
 
     def __init__(self, address: str, token: str | None = None, tls_ca: str | Path | None = None,
                  chunk_size: int = DEFAULT_CHUNK_BYTES, timeout_s: float = 120.0,
-                 client_cert: tuple[str | Path, str | Path] | None = None, server_name: str | None = None):
+                 client_cert: tuple[str | Path, str | Path] | None = None):
         if not 1 <= chunk_size <= CHUNK_CAP_BYTES:
             raise ValueError(f"chunk_size must be in [1, {CHUNK_CAP_BYTES}], got {chunk_size}")
         self.address = address
@@ -101,8 +101,6 @@ class AggregatorClient:
         self.timeout_s = timeout_s
         options = [("grpc.max_receive_message_length", MESSAGE_CAP_BYTES),
                    ("grpc.max_send_message_length", MESSAGE_CAP_BYTES)]
-        if server_name:
-            options.append(("grpc.ssl_target_name_override", server_name))
         if tls_ca is not None:
             key = cert = None
             if client_cert is not None:

@@ -95,7 +95,19 @@ _DB_COUNTER = iter(range(1_000_000))
 @pytest.fixture(params=["sqlite", "postgresql"])
 def db_url(request, tmp_path) -> str:
     """A fresh, empty database URL: a SQLite file in tmp_path, or a new database in the session's PostgreSQL."""
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'agg.db'}"
-    cluster = request.getfixturevalue("postgres_cluster")
-    return cluster.create_database(f"t{os.getpid()}_{next(_DB_COUNTER)}")
+    return request.getfixturevalue("new_db")("agg")
+
+
+@pytest.fixture
+def new_db(request, tmp_path):
+    """`new_db(name) -> URL` of another fresh database on the same back end as `db_url` (SQLite by default)."""
+    callspec = getattr(request.node, "callspec", None)
+    backend = callspec.params.get("db_url", "sqlite") if callspec else "sqlite"
+    cluster = request.getfixturevalue("postgres_cluster") if backend == "postgresql" else None
+
+    def make(name: str) -> str:
+        if cluster is None:
+            return f"sqlite:///{tmp_path / name}.db"
+        return cluster.create_database(f"t{os.getpid()}_{next(_DB_COUNTER)}")
+
+    return make

@@ -102,3 +102,12 @@ class PostgresCluster:
                     break
                 except OSError:
                     time.sleep(0.2)
+
+
+if __name__ == "__main__":  # `make test` runs this first: fail up front, naming the package, when PostgreSQL is missing
+    import sys
+
+    try:
+        print(f"PostgreSQL server binaries: {find_bin_dir()}")
+    except PostgresMissing as exc:
+        sys.exit(f"make test: {exc}")

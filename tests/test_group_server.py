@@ -44,6 +44,11 @@ def global0_of(tmp_path, model_dir) -> dict:
     return state
 
 
+# The poisoning defences (weight-share cap, adaptive clipping) would bend these hand-computed means: off here,
+# tests/test_poisoning.py covers them.
+EXACT = {"adaptive_clip": None, "max_client_share": 1.0}
+
+
 def run_round(address, files):
     """Register the three clients, upload their round-1 files with their evals; returns the clients."""
     clients = []
@@ -72,7 +77,7 @@ def test_fedavg_group_serves_each_group_its_global_and_federated_eval(tmp_path, 
 
     global0 = global0_of(tmp_path, tiny_model_dir)
     files = [update_file(tmp_path, global0, layers, seed, n) for layers, n, seed, _ in CLIENTS]
-    server, address, store = start_inprocess(tmp_path, tiny_model_dir, fast_config(rounds=1, mode="fedavg-group",
+    server, address, store = start_inprocess(tmp_path, tiny_model_dir, fast_config(rounds=1, mode="fedavg-group", **EXACT,
                                                                                    min_clients=3))
     try:
         clients = run_round(address, files)
@@ -140,7 +145,8 @@ def test_bad_federated_eval_is_refused_naming_the_field(tmp_path, tiny_model_dir
 def _serve(tmp_path, model_dir, files, name, **config):
     directory = tmp_path / name
     directory.mkdir()
-    server, address, store = start_inprocess(directory, model_dir, fast_config(rounds=1, min_clients=3, **config))
+    server, address, store = start_inprocess(directory, model_dir, fast_config(rounds=1, min_clients=3, **EXACT,
+                                                                                  **config))
     try:
         clients = run_round(address, files)
         wait_for(lambda: clients[0].status()["done"])
@@ -171,7 +177,7 @@ def test_per_group_globals_survive_a_kill_mid_close_and_restart(tmp_path, tiny_m
     expected = _serve(tmp_path, tiny_model_dir, files, "reference", mode="additive", mix="auto")
     db = f"sqlite:///{tmp_path / 'agg.db'}"
     config = write_yaml_config(tmp_path / "agg.yaml", rounds=1, min_clients=3, close_lease_s=1.0, mode="additive",
-                               mix="auto")
+                               mix="auto", **EXACT)
     procs = [ServerProcess(db, tiny_model_dir, config, fault="mid_close")]
     try:
         clients = run_round(procs[0].address, files)

@@ -1,4 +1,4 @@
-"""The round state machine over a real SQLite store with a fake clock: sampling, quorum, deadline/extend/fail,
+"""The round state machine over a real SQLite and PostgreSQL store with a fake clock: sampling, quorum, deadline/extend/fail,
 exactly-once uploads, idempotent close after an abandoned claim."""
 
 from __future__ import annotations
@@ -9,11 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from aggregator_helpers import fast_config, make_delta
+from aggregator_helpers import fast_config, make_delta, make_store
 
 from aggregator.federation import Federation
 from aggregator.rounds import DONE, TASK, WAIT, sample_clients
-from aggregator.state import Store
 from aggregator.uploads import UploadHeaderInfo
 from prufed.common.adapter_format import DELTA_FORMAT, AdapterMeta
 from prufed.common.errors import ConfigError
@@ -29,18 +28,21 @@ class Clock:
         return self.now
 
 
-def make_fed(tmp_path: Path, model_dir: Path, name: str = "agg", **overrides) -> Federation:
-    fed = Federation(Store(f"sqlite:///{tmp_path / name}.db"), fast_config(**overrides), clock=Clock())
+def make_fed(db_url: str, tmp_path: Path, model_dir: Path, **overrides) -> Federation:
+    fed = Federation(make_store(db_url, tmp_path), fast_config(**overrides), clock=Clock())
     fed.initialize(model_dir)
     return fed
 
 
-def upload(fed: Federation, client: str, layers, round_id: int, seed: int, examples: int, tmp_path: Path):
+def upload(fed: Federation, client: str, layers, round_id: int, seed: int, examples: int, tmp_path: Path,
+           tensors: dict | None = None):
+    """Send one update through the same checks as a stream (`tensors` default: a random delta from `seed`)."""
     path = tmp_path / f"{client}-{round_id}-{seed}.part"
     meta = AdapterMeta(DELTA_FORMAT, tuple(layers), "", round_id, examples)
     base = fed.global_state()
-    path.write_bytes(canonical_safetensors(make_delta(base, layers, seed), meta.to_strings()))
+    path.write_bytes(canonical_safetensors(tensors or make_delta(base, layers, seed), meta.to_strings()))
     header = UploadHeaderInfo(round_id, path.stat().st_size, examples, tuple(layers), safetensors_index(path))
+    fed.uploads.check_fields(header)
     fed.uploads.check(client, header)
     return fed.uploads.accept(client, header, path, hashlib.sha256(path.read_bytes()).hexdigest())
 
@@ -54,8 +56,8 @@ def test_sampling_is_deterministic_and_respects_fraction_and_minimum():
     assert config.quorum(7) == 7 and fast_config(quorum_fraction=0.5).quorum(7) == math.ceil(3.5)
 
 
-def test_round_lifecycle_quorum_close_and_done(tmp_path, tiny_model_dir):
-    fed = make_fed(tmp_path, tiny_model_dir, rounds=2, min_clients=2)
+def test_round_lifecycle_quorum_close_and_done(db_url, tmp_path, tiny_model_dir):
+    fed = make_fed(db_url, tmp_path, tiny_model_dir, rounds=2, min_clients=2)
     a, _ = fed.clients.register([0, 1, 2, 3, 4, 5, 6, 7], {"name": "a"})
     assert fed.rounds.pull_task(a).kind == WAIT and fed.tick() == []  # one client: below min_clients
     b, token_b = fed.clients.register([1, 5], {"name": "b"})
@@ -87,8 +89,8 @@ def test_round_lifecycle_quorum_close_and_done(tmp_path, tiny_model_dir):
     assert stale.value.code == "stale_round" and "closed" in str(stale.value)
 
 
-def test_deadline_extends_then_fails_then_closes_with_minimum(tmp_path, tiny_model_dir):
-    fed = make_fed(tmp_path, tiny_model_dir, rounds=3, min_clients=2, deadline_s=100, max_extensions=1,
+def test_deadline_extends_then_fails_then_closes_with_minimum(db_url, tmp_path, tiny_model_dir):
+    fed = make_fed(db_url, tmp_path, tiny_model_dir, rounds=3, min_clients=2, deadline_s=100, max_extensions=1,
                    min_updates=1)
     a, _ = fed.clients.register([0, 1], {})
     b, _ = fed.clients.register([2, 3], {})
@@ -110,8 +112,8 @@ def test_deadline_extends_then_fails_then_closes_with_minimum(tmp_path, tiny_mod
     assert fed.status()["rounds"][1]["metrics"]["updates"] == 1
 
 
-def test_uploads_exactly_once_per_client_and_round(tmp_path, tiny_model_dir):
-    fed = make_fed(tmp_path, tiny_model_dir, min_clients=2)
+def test_uploads_exactly_once_per_client_and_round(db_url, tmp_path, tiny_model_dir):
+    fed = make_fed(db_url, tmp_path, tiny_model_dir, min_clients=2)
     a, _ = fed.clients.register([0, 1], {})
     b, _ = fed.clients.register([2, 3], {})
     fed.tick()
@@ -131,10 +133,11 @@ def test_uploads_exactly_once_per_client_and_round(tmp_path, tiny_model_dir):
     assert fed.status()["rounds"][0]["uploads"] == 1
 
 
-def test_abandoned_close_is_rerun_with_identical_result(tmp_path, tiny_model_dir):
+def test_abandoned_close_is_rerun_with_identical_result(db_url, new_db, tmp_path, tiny_model_dir):
     results = []
-    for name, crash in (("clean", False), ("crashed", True)):
-        fed = make_fed(tmp_path, tiny_model_dir, name=name, min_clients=2, close_lease_s=5)
+    for url, crash in ((db_url, False), (new_db("crashed"), True)):
+        fed = make_fed(url, tmp_path / ("crashed" if crash else "clean"), tiny_model_dir, min_clients=2,
+                       close_lease_s=5)
         a, _ = fed.clients.register([0, 1, 2], {})
         b, _ = fed.clients.register([2, 5, 7], {})
         fed.tick()
@@ -155,10 +158,10 @@ def test_abandoned_close_is_rerun_with_identical_result(tmp_path, tiny_model_dir
     assert results[0] == results[1]
 
 
-def test_initialize_is_idempotent_and_checks_the_model(tmp_path, tiny_model_dir):
+def test_initialize_is_idempotent_and_checks_the_model(db_url, tmp_path, tiny_model_dir):
     from conftest import save_tiny_model
 
-    fed = make_fed(tmp_path, tiny_model_dir)
+    fed = make_fed(db_url, tmp_path, tiny_model_dir)
     sha0 = fed.globals.version_row(0).sha256
     assert fed.initialize(tiny_model_dir) == 0 and fed.globals.version_row(0).sha256 == sha0
     other = save_tiny_model(tmp_path / "other", num_layers=4, seed=1)

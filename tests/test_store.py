@@ -1,4 +1,5 @@
-"""The store: SQLite file with WAL, serialised writers across processes, atomic content-addressed blobs."""
+"""The store on SQLite and PostgreSQL: serialised writers across processes, rollback, atomic content-addressed
+blobs; WAL on SQLite."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import time
 
 import pytest
 import sqlalchemy
+from aggregator_helpers import make_store
 from sqlalchemy import insert, select
 
 from aggregator.state import Store, federation, uploads
@@ -19,7 +21,7 @@ INCREMENT = """
 import sys
 from sqlalchemy import select, update
 from aggregator.state import Store, federation
-store = Store(sys.argv[1])
+store = Store(sys.argv[1], sys.argv[3] if len(sys.argv) > 3 else None)
 for _ in range(int(sys.argv[2])):
     with store.write() as tx:  # read-modify-write: only safe if writers serialise
         value = int(tx.conn.execute(select(federation.c.value).where(federation.c.key == "n")).scalar_one())
@@ -38,20 +40,20 @@ def test_sqlite_file_uses_wal_and_creates_tables(tmp_path):
     store.dispose()
 
 
-def test_two_processes_serialise_writes(tmp_path):
-    url = f"sqlite:///{tmp_path / 'agg.db'}"
-    store = Store(url)
+def test_two_processes_serialise_writes(db_url, tmp_path):
+    store = make_store(db_url, tmp_path)
     with store.write() as tx:
         tx.conn.execute(insert(federation).values(key="n", value="0"))
-    procs = [subprocess.Popen([sys.executable, "-c", INCREMENT, url, "60"]) for _ in range(2)]
+    blob_dir = [] if store.is_sqlite else [str(tmp_path / "blobs")]
+    procs = [subprocess.Popen([sys.executable, "-c", INCREMENT, db_url, "60", *blob_dir]) for _ in range(2)]
     assert [p.wait(timeout=120) for p in procs] == [0, 0]
     with store.read() as tx:
         assert tx.conn.execute(select(federation.c.value).where(federation.c.key == "n")).scalar_one() == "120"
     store.dispose()
 
 
-def test_failed_transaction_rolls_back_everything(tmp_path):
-    store = Store(f"sqlite:///{tmp_path / 'agg.db'}")
+def test_failed_transaction_rolls_back_everything(db_url, tmp_path):
+    store = make_store(db_url, tmp_path)
     row = dict(round=1, client_id="c", sha256="s", bytes=1, num_examples=1, blob="b", accepted_at=0.0)
     with store.write() as tx:
         tx.conn.execute(insert(uploads).values(id="u1", **row))

@@ -98,8 +98,11 @@ class GroupAggregator:
             raise AggregationError(f"no global for group {list(group)} and no initial global to start it from")
         return dict(state)
 
-    def add(self, group: Group, update: Mapping[str, torch.Tensor], num_examples: int, name: str = "") -> None:
-        """Fold one client's update Δ_k into its group's sums (and the all-holder sums); all-or-nothing."""
+    def add(self, group: Group, update: Mapping[str, torch.Tensor], num_examples: int, name: str = "",
+            weight: float | None = None) -> None:
+        """Fold one client's update Δ_k into its group's sums (and the all-holder sums); all-or-nothing.
+
+        `weight` overrides w_k as in `HeteAggregator.add` (the server's per-client share cap)."""
         if self._finished:
             raise AggregationError("finish() was already called; start a new aggregator")
         group = tuple(group)
@@ -107,10 +110,10 @@ class GroupAggregator:
         if aggregator is None:
             aggregator = HeteAggregator(self.global_of(group), self._inner)
         # The group check runs first: a refused update leaves every sum unchanged.
-        aggregator.add(update, num_examples, name)
+        aggregator.add(update, num_examples, name, weight)
         if self._total is not None:
             try:
-                self._total.add(update, num_examples, name)
+                self._total.add(update, num_examples, name, weight)
             except AggregationError as exc:  # cannot happen after the group's own identical checks
                 raise AggregationError(f"inconsistent update {name}: {exc}") from exc
         self._groups[group] = aggregator

@@ -155,8 +155,11 @@ class HeteAggregator:
         return modules, ""
 
     # ---- folding in -------------------------------------------------------------------------------------------
-    def add(self, update: Mapping[str, torch.Tensor], num_examples: int, name: str = "") -> None:
+    def add(self, update: Mapping[str, torch.Tensor], num_examples: int, name: str = "",
+            weight: float | None = None) -> None:
         """Fold one update Δ_k (ORIGINAL keys ⊆ the global's) with its example count into the running sums.
+
+        `weight` overrides w_k (e.g. after the server's per-client share cap); default: from `weighting`.
 
         All checks run before anything is folded in, so a refused update leaves the aggregator unchanged.
         In trim mode the update's tensors are kept by reference until `finish`; do not modify them.
@@ -165,7 +168,10 @@ class HeteAggregator:
             raise AggregationError("finish() was already called; start a new HeteAggregator")
         self._check(update, num_examples)
         name = name or f"update{len(self._names)}"
-        weight = float(num_examples) if self.config.weighting == "examples" else 1.0
+        if weight is None:
+            weight = float(num_examples) if self.config.weighting == "examples" else 1.0
+        elif not weight > 0:
+            raise AggregationError(f"weight must be > 0, got {weight!r}")
         scale = 1.0
         if self.config.clip_norm is not None:
             scale = clip_scale(update_norm(update), self.config.clip_norm)

@@ -85,6 +85,13 @@ def _enroll_tokens(args) -> list[str]:
     return tokens
 
 
+def announce(line: str) -> None:
+    """One whole line on stderr in a single write: the round ticker's JSON log lines go to the same stream from
+    another thread, and `print` writes the text and its newline separately, so they could interleave."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
+
+
 def serve_command(args) -> int:
     import signal
     import threading
@@ -120,9 +127,9 @@ def serve_command(args) -> int:
     server, port = create_server(args.listen, store, config, tls, enroll_tokens=tokens, insecure=args.insecure,
                                  model_dir=model_dir, metrics_port=args.metrics_port, dashboard=dashboard)
     host = args.listen.rpartition(":")[0]
-    print(f"listening on {host}:{port}", file=sys.stderr, flush=True)
+    announce(f"listening on {host}:{port}")
     if server.dashboard is not None:
-        print(f"dashboard on {server.dashboard.url}", file=sys.stderr, flush=True)
+        announce(f"dashboard on {server.dashboard.url}")
 
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -5,12 +5,12 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from edge_client.core.memory import QUANT_CHOICES
 from edge_client.core.pruning import DEFAULT_STRATEGY, STRATEGIES, parse_protect
 from prufed.cli.help import HelpFormatter
 from prufed.common.errors import ConfigError
 from prufed.common.models import DEFAULT_MODEL
 
-QUANT_CHOICES = ("auto", "nf4", "int8", "bf16", "fp32")
 EPILOG = """examples:
   prufed edge run --aggregator agg.example.org:50051 --tls-ca ca.crt --token "$(cat enroll.txt)" \\
       --data my_private.jsonl --depth auto --state-dir ~/.prufed/agent
@@ -46,7 +46,8 @@ def register(subparsers) -> None:
     group.add_argument("--profile", default=None, help="emulate this hardware profile (hardware_profiles/NAME.yaml)")
     group.add_argument("--budget-gib", type=float, default=None, help="emulate this training memory budget in GiB")
     run.add_argument("--quant", default="auto", choices=QUANT_CHOICES,
-                     help="weight precision; auto = nf4 when bitsandbytes works, else fp32")
+                     help="weight precision; auto = on a CPU the fastest that fits the budget (bf16 where the "
+                     "CPU has native bf16, else fp32), on a GPU nf4, with --profile its default_quant")
     run.add_argument("--model", default=DEFAULT_MODEL, help="base model alias or local HF directory (unpruned)")
     run.add_argument("--max-examples", type=int, default=None, help="use at most this many local examples")
     run.add_argument("--eval-examples", type=int, default=16,

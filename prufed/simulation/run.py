@@ -33,6 +33,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from edge_client.core.memory import QUANT_CHOICES
 from edge_client.core.pruning import DEFAULT_STRATEGY
 from prufed.common.errors import ConfigError, PrufedError
 
@@ -97,8 +98,8 @@ class SimulationConfig:
             raise ConfigError("--lr", f"must be > 0, got {self.lr}")
         if self.baseline not in (None, "homogeneous"):
             raise ConfigError("--baseline", f"must be 'homogeneous', got {self.baseline!r}")
-        if self.quant not in ("auto", "nf4", "int8", "bf16", "fp32"):
-            raise ConfigError("--quant", f"unknown mode {self.quant!r}")
+        if self.quant not in QUANT_CHOICES:
+            raise ConfigError("--quant", f"must be one of {', '.join(QUANT_CHOICES)}, got {self.quant!r}")
         from aggregator.core.modes import check_mode
 
         object.__setattr__(self, "mix", check_mode(self.mode, self.mix))
@@ -171,6 +172,16 @@ def write_shards(config: SimulationConfig, train: Sequence, out: Path) -> list[C
             args = ["--depth", "auto", "--profile", config.profiles[index % len(config.profiles)]]
         specs.append(ClientSpec(index, args, path, len(shard), dict(sorted(counts.items(), key=lambda kv: -kv[1]))))
     return specs
+
+
+def agent_args(config: SimulationConfig, spec: ClientSpec, address: str, token: str, model: str, name: str) -> list[str]:
+    """The `prufed edge run ...` arguments of one client: its depth (or profile, planned by the agent itself
+    through edge_client.planning, like `prufed plan`) and the federation's settings."""
+    args = ["edge", "run", "--aggregator", address, "--token", token, "--data", str(spec.data_path),
+            "--strategy", config.strategy, "--state-dir", str(spec.state_dir), "--quant", config.quant,
+            "--model", model, "--seed", str(config.seed + spec.index), "--name", f"{name}-client-{spec.index}",
+            "--retry-attempts", "20", "--eval-examples", str(config.eval_examples), *spec.args]
+    return args if config.gradient_checkpointing else [*args, "--no-gradient-checkpointing"]
 
 
 # ---- processes --------------------------------------------------------------------------------------------------
@@ -331,13 +342,7 @@ def run_federation(name: str, config: SimulationConfig, model: str, clients: Seq
         address = wait_listening(out / "aggregator.log", server)
         agents = []
         for spec in clients:
-            cmd = [sys.executable, "-m", "prufed", "edge", "run", "--aggregator", address, "--token", token,
-                   "--data", str(spec.data_path), "--strategy", config.strategy, "--state-dir", str(spec.state_dir),
-                   "--quant", config.quant, "--model", model, "--seed", str(config.seed + spec.index),
-                   "--name", f"{name}-client-{spec.index}", "--retry-attempts", "20",
-                   "--eval-examples", str(config.eval_examples), *spec.args]
-            if not config.gradient_checkpointing:
-                cmd.append("--no-gradient-checkpointing")
+            cmd = [sys.executable, "-m", "prufed", *agent_args(config, spec, address, token, model, name)]
             spec.state_dir.parent.mkdir(parents=True, exist_ok=True)
             agents.append(children.spawn(cmd, spec.state_dir.parent / "agent.log"))
 
