@@ -117,7 +117,12 @@ class Globals:
         from prufed.common.adapter_format import load_adapter
 
         row = self.version_row(version)
-        return self._states.get(row.sha256, lambda: load_adapter(self.store.blobs.path(row.blob))[0])
+
+        def load() -> dict:
+            with self.store.blobs.local_path(row.blob) as path:
+                return load_adapter(path)[0]
+
+        return self._states.get(row.sha256, load)
 
     def slice(self, kept_layers: Sequence[int], version: int | None = None) -> tuple[int, int, bytes]:
         """(version, round, safetensors bytes) of global `version` restricted to `kept_layers` (ORIGINAL keys)."""

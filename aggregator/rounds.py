@@ -161,7 +161,8 @@ class Rounds:
         aggregator = HeteAggregator(self.globals.state(row.base_version), self.config.aggregation_config())
         examples = 0
         for up in ups:  # one upload in memory at a time
-            tensors, _meta = load_adapter(self.store.blobs.path(up.blob))
+            with self.store.blobs.local_path(up.blob) as path:
+                tensors, _meta = load_adapter(path)
             aggregator.add(tensors, up.num_examples, name=up.client_id)
             examples += up.num_examples
             del tensors

@@ -33,8 +33,13 @@ def register(subparsers) -> None:
                            description="Serve Register/PullTask/DownloadGlobal/UploadUpdate/Status until SIGTERM.")
     serve.add_argument("--listen", default="127.0.0.1:50051", help="HOST:PORT to bind (port 0 picks a free one)")
     serve.add_argument("--db", required=True, help="database URL: sqlite:///path.db or postgresql+psycopg://...")
+    serve.add_argument("--blob-store", choices=("dir", "db"), default="dir",
+                       help="where uploads and global versions live: dir = files in --blob-dir (default); db = ~1 MiB "
+                            "chunk rows in the database itself, so replicas on several hosts share nothing else")
     serve.add_argument("--blob-dir", default=None, help="blob directory (default: <db file>.blobs; required for "
-                                                        "non-SQLite databases)")
+                                                        "non-SQLite databases with --blob-store dir); with "
+                                                        "--blob-store db only partial uploads spool here "
+                                                        "(default: the system temp dir)")
     serve.add_argument("--model", default=None, help="base model: an alias (smollm2-135m) or a local HF directory "
                                                      "(default: smollm2-135m)")
     serve.add_argument("--config", default=None, help="aggregator.yaml with AggregatorConfig fields")
@@ -55,6 +60,7 @@ def register(subparsers) -> None:
                             epilog=STATUS_EPILOG, description="Read rounds, clients and metrics without a server.")
     status.add_argument("--db", required=True, help="database URL, as given to serve")
     status.add_argument("--blob-dir", default=None, help="blob directory (non-SQLite databases)")
+    status.add_argument("--blob-store", choices=("dir", "db"), default="dir", help="as given to serve")
     status.add_argument("--json", action="store_true", help="print machine-readable JSON on stdout")
     status.set_defaults(func=status_command)
 
@@ -99,7 +105,7 @@ def serve_command(args) -> int:
                     Path(args.tls_client_ca) if args.tls_client_ca else None) if args.tls_cert else None
     configure_json_logging()
     model_dir = resolve_model(args.model)
-    store = Store(args.db, args.blob_dir)
+    store = Store(args.db, args.blob_dir, args.blob_store)
     server, port = create_server(args.listen, store, config, tls, enroll_tokens=tokens, insecure=args.insecure,
                                  model_dir=model_dir, metrics_port=args.metrics_port)
     host = args.listen.rpartition(":")[0]
@@ -124,7 +130,7 @@ def status_command(args) -> int:
         path = Path(db[len("sqlite:///"):]).expanduser()
         if not path.is_file():
             raise ConfigError("--db", f"{path}: no such database file")
-    status = read_status(Store(db, args.blob_dir))
+    status = read_status(Store(db, args.blob_dir, args.blob_store))
     if args.json:
         print(json.dumps(status, indent=2, sort_keys=True))
         return 0
