@@ -22,6 +22,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Protocol
 
+from prufed.common.adapter_format import AdapterMeta, load_adapter
 from prufed.common.fsio import fsync_dir
 
 
@@ -57,6 +58,7 @@ class BlobStore:
     def put_bytes(self, data: bytes) -> str:
         sha = hashlib.sha256(data).hexdigest()
         if self.path(sha).is_file():
+            os.utime(self.path(sha))  # a fresh mtime keeps it out of the orphan sweep until its row exists
             return sha
         fd, tmp = self.temp_file()
         with os.fdopen(fd, "wb") as handle:
@@ -72,6 +74,25 @@ class BlobStore:
     def local_path(self, ref: str) -> Iterator[Path]:
         """A readable local file holding blob `ref` (here: the blob itself), valid inside the `with`."""
         yield self.path(ref)
+
+    def load(self, ref: str) -> tuple[dict, AdapterMeta]:
+        """The tensors and metadata of adapter blob `ref`."""
+        return load_adapter(self.path(ref))
+
+    def sweep_orphans(self, referenced: set[str], grace_s: float) -> int:
+        """Delete blobs that no row references and that are older than `grace_s` (a younger one may be between its
+        rename and its row insert: `adopt` and `put_bytes` leave a fresh mtime). Returns how many were removed."""
+        cutoff = time.time() - grace_s
+        removed = 0
+        for shard in self.root.iterdir():
+            if not (shard.is_dir() and len(shard.name) == 2):
+                continue
+            for blob in shard.iterdir():
+                with contextlib.suppress(FileNotFoundError):
+                    if blob.name not in referenced and blob.stat().st_mtime < cutoff:
+                        blob.unlink()
+                        removed += 1
+        return removed
 
     def sweep_partials(self, older_than_s: float = 3600.0) -> int:
         """Delete abandoned partial streams: those of a dead local process (the pid prefixes the name), or older
@@ -94,6 +115,8 @@ class ChunkTable(Protocol):
 
     def read_blob_chunks(self, sha256: str) -> Iterator[bytes]: ...
 
+    def sweep_blobs(self, referenced: set[str], older_than: float) -> int: ...
+
 
 class DbBlobStore:
     """Blobs in the database as `CHUNK_BYTES` rows; a local `BlobStore` directory holds only partial streams."""
@@ -114,6 +137,10 @@ class DbBlobStore:
     def sweep_partials(self, older_than_s: float = 3600.0) -> int:
         return self.local.sweep_partials(older_than_s)
 
+    def sweep_orphans(self, referenced: set[str], grace_s: float) -> int:
+        """Delete blobs no row references, stored more than `grace_s` ago. Returns how many were removed."""
+        return self.table.sweep_blobs(referenced, time.time() - grace_s)
+
     def adopt(self, tmp_path: Path, sha256: str) -> str:
         """Stream a finished temp file into the database chunk by chunk, then delete it; returns the ref."""
         with open(tmp_path, "rb") as handle:
@@ -129,6 +156,11 @@ class DbBlobStore:
 
     def read_bytes(self, ref: str) -> bytes:
         return b"".join(self.table.read_blob_chunks(ref))
+
+    def load(self, ref: str) -> tuple[dict, AdapterMeta]:
+        """The tensors and metadata of adapter blob `ref` (streamed through a local temp file)."""
+        with self.local_path(ref) as path:
+            return load_adapter(path)
 
     @contextlib.contextmanager
     def local_path(self, ref: str) -> Iterator[Path]:

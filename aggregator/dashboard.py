@@ -58,6 +58,41 @@ def parse_address(text: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+def build_snapshot(status: Mapping[str, Any], registry: Any) -> dict[str, Any]:
+    """The page's data: the federation status (from the database, so any replica shows the same rounds) plus this
+    replica's Prometheus counters (uploads, bytes, refusals by code).
+
+    Loss per depth over rounds is the federated evaluation (`rounds[i]["eval"][depth]["loss"]`) when clients report
+    it, else the held-out loss a simulation records (`rounds[i]["metrics"]["heldout_loss"][depth]`)."""
+
+    def total(name: str, **labels: str) -> float:
+        return float(registry.get_sample_value(name, labels) or 0.0)
+
+    refusals: dict[str, float] = {}
+    for family in registry.collect():
+        if family.name == "prufed_refusals":
+            for sample in family.samples:
+                if sample.name == "prufed_refusals_total":
+                    code = sample.labels.get("code", "")
+                    refusals[code] = refusals.get(code, 0.0) + sample.value
+    federated: dict[str, list[list[float]]] = {}
+    heldout: dict[str, list[list[float]]] = {}
+    for row in status.get("rounds", []):
+        for depth, entry in (row.get("eval") or {}).items():
+            federated.setdefault(str(depth), []).append([row["round"], float(entry["loss"])])
+        for depth, loss in ((row.get("metrics") or {}).get("heldout_loss") or {}).items():
+            heldout.setdefault(str(depth), []).append([row["round"], float(loss)])
+    return {
+        "status": dict(status),
+        "uploads": {"count": total("prufed_uploads_total", outcome="accepted", code=""),
+                    "bytes": total("prufed_upload_bytes_total")},
+        "downloads": {"bytes": total("prufed_download_bytes_total")},
+        "refusals": {code: int(count) for code, count in sorted(refusals.items())},
+        "loss_per_depth": federated or heldout,
+        "loss_source": "federated" if federated else "heldout",
+    }
+
+
 def _page() -> bytes:
     return resources.files("aggregator").joinpath("dashboard.html").read_bytes()
 

@@ -44,6 +44,12 @@ class _LRU:
         return value
 
 
+def _per_group(mode: str) -> bool:
+    from aggregator.core.modes import is_group_mode
+
+    return is_group_mode(mode)
+
+
 class Globals:
     """The federation's global adapter versions over the store."""
 
@@ -68,6 +74,11 @@ class Globals:
         if meta.get("base_model") not in (None, fingerprint):
             raise ConfigError("--model", f"the database was created for base model {meta['base_model']}, "
                                          f"this model is {fingerprint}")
+        created_mode = json.loads(meta.get("config", "{}")).get("mode", "heteagg")
+        if meta and _per_group(created_mode) != self.config.per_group:
+            # the shared global of a per-group version is only the start of new groups, not a trained model
+            raise ConfigError("--mode", f"the database was created with mode {created_mode}, this server asks "
+                                        f"{self.config.mode}: one-global and per-group modes do not share a database")
         if meta.get("lora") not in (None, lora):
             raise ConfigError("lora_r", f"the database was created with LoRA {meta['lora']}, config asks "
                                         f"{self.config.lora()}")
@@ -112,17 +123,22 @@ class Globals:
             raise Refused(RefusalCode.NO_VERSION, f"global version {version} does not exist")
         return row
 
-    def state(self, version: int | None = None) -> dict:
-        """The full global adapter of `version` (None: latest), ORIGINAL keys."""
-        from prufed.common.adapter_format import load_adapter
-
+    def state(self, version: int | None = None, group: Sequence[int] | None = None) -> dict:
+        """The full global adapter of `version` (None: latest), ORIGINAL keys. With `group` (a kept-layer list) in
+        a per-group mode: that group's global (the version's shared global while the group has none)."""
         row = self.version_row(version)
+        return self.blob_state(self.group_blob(row.version, group) or row.blob)
 
-        def load() -> dict:
-            with self.store.blobs.local_path(row.blob) as path:
-                return load_adapter(path)[0]
+    def blob_state(self, blob: str) -> dict:
+        """The tensors of a global blob (cached: a blob's bytes never change)."""
+        return self._states.get(blob, lambda: self.store.blobs.load(blob)[0])
 
-        return self._states.get(row.sha256, load)
+    def group_blob(self, version: int, group: Sequence[int] | None) -> str | None:
+        """The blob of `group`'s own global at `version` (per-group modes), or None."""
+        if group is None or not self.config.per_group:
+            return None
+        with self.store.read() as tx:
+            return tx.group_global(version, group)
 
     def slice(self, kept_layers: Sequence[int], version: int | None = None) -> tuple[int, int, bytes]:
         """(version, round, safetensors bytes) of global `version` restricted to `kept_layers` (ORIGINAL keys)."""
@@ -131,10 +147,11 @@ class Globals:
 
         row = self.version_row(version)
         kept = tuple(int(i) for i in kept_layers)
+        blob = self.group_blob(row.version, kept) or row.blob  # per-group modes: the caller's group's global
 
         def build() -> bytes:
-            state = self.state(row.version)
+            state = self.blob_state(blob)
             meta = AdapterMeta(GLOBAL_FORMAT, kept, self.params()["base_model"], row.round, lora=self.config.lora())
             return canonical_safetensors({k: state[k] for k in keys_for_layers(state, kept)}, meta.to_strings())
 
-        return row.version, row.round, self._slices.get((row.sha256, kept), build)
+        return row.version, row.round, self._slices.get((blob, kept), build)

@@ -149,30 +149,64 @@ class Rounds:
         return tx.claim_round(round_id, now, self.config.close_lease_s)
 
     def _close(self, round_id: int) -> bool:
-        """Aggregate the round's uploads into global version base+1 and mark the round closed (idempotent)."""
-        from aggregator.core.heteagg import HeteAggregator
-        from prufed.common.adapter_format import load_adapter
+        """Aggregate the round's uploads into global version base+1 and mark the round closed (idempotent).
 
+        Poisoning defences (aggregator/core/poisoning.py): per-client weights capped at `max_client_share`,
+        updates clipped to `adaptive_clip` × the round's lower-median norm, and a result that is not finite or moved
+        more than `max_step_ratio` × max(‖G‖₂, 1) fails the round, leaving the previous global the latest.
+        """
+        from aggregator.core.heteagg import HeteAggregator
+        from aggregator.core.poisoning import adaptive_clip_scales, capped_weights, result_problem
+        from aggregator.core.robust import update_norm
+
+        cfg = self.config
         started = time.perf_counter()
         with self.store.read() as tx:
             row = tx.round(round_id)
             ups = tx.round_uploads(round_id)
             params = tx.meta()
-        aggregator = HeteAggregator(self.globals.state(row.base_version), self.config.aggregation_config())
-        examples = 0
-        for up in ups:  # one upload in memory at a time
-            with self.store.blobs.local_path(up.blob) as path:
-                tensors, _meta = load_adapter(path)
-            aggregator.add(tensors, up.num_examples, name=up.client_id)
-            examples += up.num_examples
-            del tensors
-        result = aggregator.finish()
-        blob = self.globals.put(result.state, int(params["num_layers"]), params["base_model"], round_id)
+        raw = [float(up.num_examples) if cfg.weighting == "examples" else 1.0 for up in ups]
+        weights = capped_weights(raw, cfg.max_client_share)
+        norms = [up.norm if up.norm is not None else update_norm(self.store.blobs.load(up.blob)[0])
+                 for up in ups]  # rows from before norms were stored
+        scales = adaptive_clip_scales(norms, cfg.adaptive_clip)
+        bounds = {up.client_id: (weight, scale) for up, weight, scale in zip(ups, weights, scales)}
+        groups: list[dict] = []
+        if cfg.per_group:  # one global per depth group (aggregator/groups.py)
+            from aggregator.groups import close_groups
+
+            closed = close_groups(self.store, self.globals, cfg, row.base_version, round_id, ups,
+                                  int(params["num_layers"]), params["base_model"], bounds=bounds,
+                                  check_result=lambda state, base: result_problem(state, base, cfg.max_step_ratio))
+            if closed.problem is not None:
+                return self._fail_close(round_id, closed.problem)
+            blob, groups, report, examples, held = (closed.shared_blob, closed.groups, closed.report,
+                                                    closed.examples, closed.keys_held)
+        else:
+            base = self.globals.state(row.base_version)
+            aggregator = HeteAggregator(base, cfg.aggregation_config())
+            examples = 0
+            for up in ups:  # one upload in memory at a time
+                tensors, _meta = self.store.blobs.load(up.blob)
+                weight, scale = bounds[up.client_id]
+                if scale < 1.0:
+                    for value in tensors.values():
+                        value.mul_(scale)
+                aggregator.add(tensors, up.num_examples, name=up.client_id, weight=weight)
+                examples += up.num_examples
+                del tensors
+            result = aggregator.finish()
+            problem = result_problem(result.state, base, cfg.max_step_ratio)
+            if problem is not None:
+                return self._fail_close(round_id, problem)
+            report, held = result.report, len(result.holders)
+            blob = self.globals.put(result.state, int(params["num_layers"]), params["base_model"], round_id)
         fault_point("mid_close")
         new_version = row.base_version + 1
         metrics = {"updates": len(ups), "examples": examples, "global_version": new_version, "sha256": blob,
                    "aggregation_s": round(time.perf_counter() - started, 4), "closed_by": self.replica,
-                   "report": _jsonable(result.report), "layers_held": len(result.holders)}
+                   "report": _jsonable(report), "layers_held": held,
+                   "clipped": sum(s < 1.0 for s in scales), "weights_capped": sum(w < r for w, r in zip(weights, raw))}
         now = self.clock()
         with self.store.write() as tx:
             if tx.round(round_id).state != CLOSING:
@@ -181,6 +215,9 @@ class Rounds:
                 log.warning("global version already written", extra={"round": round_id, "version": new_version})
             else:
                 tx.insert_version(new_version, round_id, blob, now)
+                if groups:
+                    tx.insert_group_globals(new_version, groups)
+            metrics["eval"] = round_eval(tx, round_id)
             metrics["duration_s"] = round(now - row.created_at, 3)
             tx.close_round(round_id, now, metrics)
         log.info("closed round", extra={"round": round_id, "version": new_version, "updates": len(ups),
@@ -188,6 +225,21 @@ class Rounds:
         if self.on_round_closed:
             self.on_round_closed(round_id, metrics)
         return True
+
+    def _fail_close(self, round_id: int, problem: str) -> bool:
+        """Mark a claimed round failed because its result must not be published; the previous global stays."""
+        reason = f"result refused: {problem}"
+        with self.store.write() as tx:
+            tx.fail_round(round_id, self.clock(), reason, from_state=CLOSING)
+        log.error("round failed", extra={"round": round_id, "reason": reason})
+        return False
+
+
+def round_eval(tx: Tx, round_id: int) -> dict:
+    """The round's federated evaluation, {"<depth>": {"loss", "examples", "clients", "groups"}} (JSON keys)."""
+    from aggregator.groups import eval_means
+
+    return {str(depth): entry for depth, entry in eval_means(tx.upload_evals(round_id)).get(round_id, {}).items()}
 
 
 def _jsonable(value):

@@ -12,11 +12,13 @@ import functools
 import hashlib
 import json
 import logging
+import ssl
 from collections.abc import Callable, Iterator
 from typing import NoReturn
 
 import grpc
 
+from aggregator.clients import Enrolment
 from aggregator.config import AggregatorConfig
 from aggregator.federation import Federation
 from aggregator.rounds import DONE, TASK
@@ -28,6 +30,9 @@ from prufed.v1 import aggregator_pb2_grpc as pb_grpc
 log = logging.getLogger("prufed.aggregator")
 
 TASK_KIND = {TASK: pb.Task.TASK, DONE: pb.Task.DONE}
+CLIENT_CALLS = frozenset({"PullTask", "DownloadGlobal", "UploadUpdate"})
+"""Calls made with a per-client token: under mTLS each must present the certificate bound at registration."""
+INT32_MAX = 2**31 - 1
 
 
 def status_of(code: RefusalCode) -> grpc.StatusCode:
@@ -48,11 +53,21 @@ def caller_id(context: grpc.ServicerContext) -> str:
     return token.partition(".")[0]
 
 
+def cert_fingerprint(context: grpc.ServicerContext) -> str | None:
+    """sha256 (hex, of the DER bytes) of the peer's TLS client certificate, if it presented one."""
+    pems = context.auth_context().get("x509_pem_cert")
+    if not pems:
+        return None
+    return hashlib.sha256(ssl.PEM_cert_to_DER_cert(pems[0].decode())).hexdigest()
+
+
 def refuse(context: grpc.ServicerContext, metrics, method: str, error: Refused) -> NoReturn:
     """Log, count and send one refusal (the only place a call is aborted)."""
     metrics.refused(method, error.code)
     log.info("refused call", extra={"method": method, "code": error.code.value, "reason": str(error)})
-    context.set_trailing_metadata(((REFUSAL_METADATA_KEY, error.code.value),))
+    # a refusal is an answer, not a lost connection: "-1" tells the client channel's retry policy (which replays
+    # calls cut off by a dying replica) not to re-send this one
+    context.set_trailing_metadata(((REFUSAL_METADATA_KEY, error.code.value), ("grpc-retry-pushback-ms", "-1")))
     context.abort(status_of(error.code), str(error))
     raise AssertionError("context.abort returned")  # pragma: no cover - abort always raises
 
@@ -64,6 +79,8 @@ def rpc(method: Callable) -> Callable:
     @functools.wraps(method)
     def wrapper(self: AggregatorServicer, request, context: grpc.ServicerContext):
         try:
+            if self.mtls and name in CLIENT_CALLS:
+                self.fed.clients.check_cert(caller_id(context), cert_fingerprint(context))
             return method(self, request, context)
         except Refused as exc:
             error = exc
@@ -88,7 +105,8 @@ def decode_upload(messages: Iterator[pb.UploadChunk]) -> Iterator[UploadPart]:
             h = message.header
             yield UploadHeaderInfo(round=h.round, total_bytes=h.total_bytes, num_examples=h.num_examples,
                                    kept_layers=tuple(h.kept_layers),
-                                   tensors=tuple((t.name, tuple(t.shape), t.dtype) for t in h.tensors))
+                                   tensors=tuple((t.name, tuple(t.shape), t.dtype) for t in h.tensors),
+                                   eval=(h.eval.loss, h.eval.examples) if h.HasField("eval") else None)
         elif kind == "data":
             yield message.data
         elif kind == "trailer":
@@ -98,11 +116,13 @@ def decode_upload(messages: Iterator[pb.UploadChunk]) -> Iterator[UploadPart]:
 
 
 class AggregatorServicer(pb_grpc.AggregatorServicer):
-    def __init__(self, federation: Federation, config: AggregatorConfig, metrics, on_upload: Callable[[], None]):
+    def __init__(self, federation: Federation, config: AggregatorConfig, metrics, on_upload: Callable[[], None],
+                 *, mtls: bool = False):
         self.fed = federation
         self.config = config
         self.metrics = metrics
         self.on_upload = on_upload
+        self.mtls = mtls
 
     def _training(self) -> pb.TrainingParams:
         c = self.config
@@ -111,12 +131,12 @@ class AggregatorServicer(pb_grpc.AggregatorServicer):
     @rpc
     def Register(self, request: pb.RegisterRequest, context) -> pb.RegisterReply:
         hw = request.hardware
-        profile = json.loads(hw.profile_json) if hw.profile_json else {}
-        profile.setdefault("summary", {"name": hw.name, "accelerator": hw.accelerator,
-                                       "total_memory_bytes": hw.total_memory_bytes,
-                                       "budget_bytes": hw.budget_bytes, "bnb_4bit": hw.bnb_4bit})
-        client_id, token = self.fed.clients.register(list(request.kept_layers), profile, name=request.name,
-                                                     base_model=request.base_model)
+        summary = {"name": hw.name[:200], "accelerator": hw.accelerator[:64], "total_memory_bytes": hw.total_memory_bytes,
+                   "budget_bytes": hw.budget_bytes, "bnb_4bit": hw.bnb_4bit}
+        client_id, token = self.fed.clients.enrol(Enrolment(
+            tuple(request.kept_layers), hw.profile_json, summary, name=request.name, base_model=request.base_model,
+            enroll_token=bearer_token(context.invocation_metadata()) or "", peer=context.peer(),
+            cert_sha256=cert_fingerprint(context) if self.mtls else None))
         params = self.fed.globals.params()
         c = self.config
         federation = pb.FederationParams(
@@ -137,9 +157,12 @@ class AggregatorServicer(pb_grpc.AggregatorServicer):
         with self.fed.store.read() as tx:
             kept = self.fed.clients.layers(tx, caller_id(context))
         version = request.version if request.HasField("version") else None
+        if version is not None and version > INT32_MAX:
+            raise Refused(RefusalCode.BAD_REQUEST, f"version must be <= {INT32_MAX}, got {version}")
         version, round_id, payload = self.fed.globals.slice(kept, version)
         return self._chunks(pb.DownloadHeader(version=version, round=round_id, total_bytes=len(payload),
-                                              sha256=hashlib.sha256(payload).hexdigest(), kept_layers=list(kept)),
+                                              sha256=hashlib.sha256(payload).hexdigest(), kept_layers=list(kept),
+                                              per_group=self.config.per_group),
                             payload)
 
     def _chunks(self, header: pb.DownloadHeader, payload: bytes) -> Iterator[pb.DownloadChunk]:
@@ -168,7 +191,9 @@ def status_to_proto(status: dict) -> pb.StatusReply:
         global_version=status["global_version"], rounds_total=status["rounds_total"],
         rounds_closed=status["rounds_closed"], done=status["done"],
         rounds=[pb.RoundStatus(round=r["round"], state=r["state"], sampled=r["sampled"], uploads=r["uploads"],
-                               deadline_unix=r["deadline"], metrics_json=json.dumps(r["metrics"], sort_keys=True))
+                               deadline_unix=r["deadline"], metrics_json=json.dumps(r["metrics"], sort_keys=True),
+                               eval_json=json.dumps(r["eval"], sort_keys=True))
                 for r in status["rounds"]],
         clients_per_depth=[pb.DepthCount(depth=d, clients=n) for d, n in status["clients_per_depth"].items()],
-        last_metrics_json=json.dumps(status["last_metrics"], sort_keys=True))
+        last_metrics_json=json.dumps(status["last_metrics"], sort_keys=True), mode=status["mode"],
+        groups_json=json.dumps(status["groups"], sort_keys=True))

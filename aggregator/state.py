@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import (
+    DDL,
     BigInteger,
     Column,
     Float,
@@ -31,9 +32,11 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
     create_engine,
+    delete,
     event,
     func,
     insert,
+    inspect,
     select,
     update,
 )
@@ -60,6 +63,7 @@ clients = Table(
     Column("name", String(200), nullable=False, default=""),
     Column("registered_at", Float, nullable=False),
     Column("last_seen", Float, nullable=False),
+    Column("cert_sha256", String(64)),  # under mTLS: sha256 of the client certificate bound at registration
 )
 
 rounds = Table(
@@ -87,6 +91,7 @@ uploads = Table(
     Column("num_examples", Integer, nullable=False),
     Column("blob", String(200), nullable=False),
     Column("accepted_at", Float, nullable=False),
+    Column("norm", Float),  # ‖Δ‖₂ of the update, for the round's adaptive clipping
     UniqueConstraint("round", "client_id", name="uq_upload_round_client"),
 )
 
@@ -97,6 +102,23 @@ global_versions = Table(
     Column("blob", String(200), nullable=False),
     Column("sha256", String(64), nullable=False),
     Column("created_at", Float, nullable=False),
+)
+
+group_globals = Table(
+    "group_globals", metadata,  # per-group modes: global version v of each depth group (its kept-layer list)
+    Column("version", Integer, primary_key=True, autoincrement=False),
+    Column("kept_layers", String(1000), primary_key=True),  # canonical JSON list of ORIGINAL indices, e.g. "[0,1,7]"
+    Column("blob", String(200), nullable=False),
+    Column("clients", Integer, nullable=False),  # updates of the group folded into this version (0: carried)
+    Column("examples", Integer, nullable=False),
+)
+
+upload_evals = Table(
+    "upload_evals", metadata,  # federated evaluation sent with an upload (the round's base global, before training)
+    Column("round", Integer, primary_key=True, autoincrement=False),
+    Column("client_id", String(64), primary_key=True),
+    Column("loss", Float, nullable=False),  # nats/token on the client's held-out examples
+    Column("examples", Integer, nullable=False),
 )
 
 federation = Table(
@@ -121,6 +143,11 @@ blob_index = Table(
     Column("chunks", Integer, nullable=False),
     Column("created_at", Float, nullable=False),
 )
+
+
+def group_key(kept_layers: Sequence[int]) -> str:
+    """The canonical text of a depth group (its kept-layer list) as stored: compact JSON, e.g. "[0,1,7]"."""
+    return json.dumps([int(i) for i in kept_layers], separators=(",", ":"))
 
 
 class Tx:
@@ -149,12 +176,37 @@ class Tx:
     def latest_version(self) -> int:
         return int(self.conn.execute(select(func.max(global_versions.c.version))).scalar() or 0)
 
+    def insert_group_globals(self, version: int, groups: Sequence[dict[str, Any]]) -> None:
+        """Rows {"kept_layers": [...], "blob", "clients", "examples"} of version `version` (per-group modes)."""
+        self.conn.execute(insert(group_globals), [
+            {"version": version, "kept_layers": group_key(g["kept_layers"]), "blob": g["blob"],
+             "clients": g["clients"], "examples": g["examples"]} for g in groups])
+
+    def group_globals(self, version: int) -> list[dict[str, Any]]:
+        """The per-group globals of `version` (empty for a one-global version), sorted by group."""
+        rows = self.conn.execute(select(group_globals).where(group_globals.c.version == version)
+                                 .order_by(group_globals.c.kept_layers)).fetchall()
+        return [{"kept_layers": json.loads(r.kept_layers), "blob": r.blob, "clients": r.clients,
+                 "examples": r.examples} for r in rows]
+
+    def group_global(self, version: int, kept_layers: Sequence[int]) -> str | None:
+        """The blob of group `kept_layers` at `version`, or None."""
+        return self.conn.execute(select(group_globals.c.blob).where(
+            group_globals.c.version == version, group_globals.c.kept_layers == group_key(kept_layers))).scalar()
+
     # ---- clients --------------------------------------------------------------------------------------------
     def insert_client(self, client_id: str, salt: str, token_hash: str, kept_layers: Sequence[int], profile: str,
-                      name: str, now: float) -> None:
+                      name: str, now: float, cert_sha256: str | None = None) -> None:
         self.conn.execute(insert(clients).values(
             id=client_id, token_salt=salt, token_hash=token_hash, kept_layers=json.dumps(list(kept_layers)),
-            profile=profile, name=name, registered_at=now, last_seen=now))
+            profile=profile, name=name, registered_at=now, last_seen=now, cert_sha256=cert_sha256))
+
+    def count_clients(self) -> int:
+        return int(self.conn.execute(select(func.count()).select_from(clients)).scalar_one())
+
+    def client_cert(self, client_id: str) -> str | None:
+        """The certificate fingerprint bound to a client (None: registered without mTLS, or unknown)."""
+        return self.conn.execute(select(clients.c.cert_sha256).where(clients.c.id == client_id)).scalar()
 
     def client_credentials(self, client_id: str) -> Row | None:
         """(token_salt, token_hash) of a client, or None."""
@@ -226,10 +278,16 @@ class Tx:
                                                        uploads.c.client_id == client_id)).first()
 
     def insert_upload(self, upload_id: str, round_id: int, client_id: str, sha256: str, size: int,
-                      num_examples: int, blob: str, now: float) -> None:
+                      num_examples: int, blob: str, now: float, norm: float | None = None) -> None:
         self.conn.execute(insert(uploads).values(
             id=upload_id, round=round_id, client_id=client_id, sha256=sha256, bytes=size, num_examples=num_examples,
-            blob=blob, accepted_at=now))
+            blob=blob, accepted_at=now, norm=norm))
+
+    def referenced_blobs(self) -> set[str]:
+        """Every blob ref a row points at (uploads, global versions and per-group globals)."""
+        refs = {r.blob for r in self.conn.execute(select(uploads.c.blob))}
+        refs |= {r.blob for r in self.conn.execute(select(group_globals.c.blob))}
+        return refs | {r.blob for r in self.conn.execute(select(global_versions.c.blob))}
 
     def count_uploads(self, round_id: int) -> int:
         return int(self.conn.execute(select(func.count()).select_from(uploads)
@@ -241,6 +299,20 @@ class Tx:
         Sorted here, not by ORDER BY: PostgreSQL would order text by its collation, SQLite bytewise."""
         rows = self.conn.execute(select(uploads).where(uploads.c.round == round_id)).fetchall()
         return sorted(rows, key=lambda r: (r.sha256, r.client_id))
+
+    def insert_upload_eval(self, round_id: int, client_id: str, loss: float, examples: int) -> None:
+        self.conn.execute(insert(upload_evals).values(round=round_id, client_id=client_id, loss=loss,
+                                                      examples=examples))
+
+    def upload_evals(self, round_id: int | None = None) -> list[Row]:
+        """(round, client_id, loss, examples, kept_layers) of every federated evaluation (of one round if given)."""
+        query = (select(upload_evals.c.round, upload_evals.c.client_id, upload_evals.c.loss, upload_evals.c.examples,
+                        clients.c.kept_layers)
+                 .join(clients, clients.c.id == upload_evals.c.client_id)
+                 .order_by(upload_evals.c.round, upload_evals.c.client_id))
+        if round_id is not None:
+            query = query.where(upload_evals.c.round == round_id)
+        return list(self.conn.execute(query).fetchall())
 
     def upload_counts(self) -> dict[int, int]:
         """{round: accepted uploads}."""
@@ -300,6 +372,7 @@ class Store:
             with conn.begin():
                 self._lock_writes(conn)
                 metadata.create_all(conn)
+                _add_missing_columns(conn)
 
     @contextlib.contextmanager
     def write(self) -> Iterator[Tx]:
@@ -339,6 +412,19 @@ class Store:
                     if tx.blob_info(sha256) is None:
                         raise
 
+    def sweep_blobs(self, referenced: set[str], older_than: float) -> int:
+        """Delete database blobs that no row references and that were stored before `older_than` (a younger one may
+        be between its store and its row insert). Returns how many were removed."""
+        with self.write() as tx:
+            stale = [r.sha256 for r in tx.conn.execute(select(blob_index.c.sha256)
+                                                       .where(blob_index.c.created_at < older_than))]
+            orphans = [sha for sha in stale if sha not in referenced]
+            for start in range(0, len(orphans), 500):  # bounded IN lists
+                batch = orphans[start:start + 500]
+                tx.conn.execute(delete(blob_index).where(blob_index.c.sha256.in_(batch)))
+                tx.conn.execute(delete(blob_chunks).where(blob_chunks.c.sha256.in_(batch)))
+        return len(orphans)
+
     def read_blob_chunks(self, sha256: str) -> Iterator[bytes]:
         """A stored blob's chunks in order, one query (and one chunk in memory) at a time; KeyError if absent."""
         with self.read() as tx:
@@ -353,8 +439,30 @@ class Store:
         if not self.is_sqlite:
             conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({WRITE_LOCK_KEY})")
 
+    def reset(self) -> None:
+        """Drop and recreate every PruFed table (a fresh federation on a scratch database, e.g. `prufed simulate
+        --db URL`), under the write lock."""
+        with self.engine.connect() as conn:
+            conn.execution_options(prufed_write=True)
+            with conn.begin():
+                self._lock_writes(conn)
+                metadata.drop_all(conn)
+                metadata.create_all(conn)
+
     def dispose(self) -> None:
         self.engine.dispose()
+
+
+def _add_missing_columns(conn: Connection) -> None:
+    """Bring a database made by an older PruFed up to date: ALTER TABLE ... ADD COLUMN for nullable columns only
+    (portable to SQLite and PostgreSQL; create_all never alters an existing table)."""
+    inspector = inspect(conn)
+    for table in metadata.sorted_tables:
+        present = {c["name"] for c in inspector.get_columns(table.name)}
+        for column in table.columns:
+            if column.name not in present and column.nullable:
+                kind = column.type.compile(dialect=conn.dialect)
+                conn.execute(DDL(f"ALTER TABLE {table.name} ADD COLUMN {column.name} {kind}"))
 
 
 def _configure_sqlite(engine: Engine) -> None:

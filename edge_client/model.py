@@ -21,12 +21,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from edge_client.core.memory import QUANT_MODES
 from edge_client.core.pruning import PruningPlan
 from prufed.common.errors import ConfigError, ModelError
 from prufed.common.models import cache_root, check_model_dir, fingerprint_model_dir, resolve_model
 
 PRUNING_FILE = "pruning.json"
-QUANT_MODES = ("nf4", "int8", "bf16", "fp32")
 DEFAULT_LORA_TARGETS = ("q_proj", "v_proj")
 
 # On AVX512-BF16 CPUs bitsandbytes tries to fetch a fused NF4 kernel from the Hugging Face hub (`kernels`) and
@@ -226,15 +226,14 @@ def probe_bf16() -> ProbeResult:
                        native)
 
 
-def resolve_quant(requested: str) -> str:
-    """`auto` -> nf4 when bitsandbytes works, else fp32; an explicit mode is checked."""
-    if requested == "auto":
-        return "nf4" if bitsandbytes_available() else "fp32"
-    if requested not in QUANT_MODES:
-        raise ConfigError("--quant", f"must be auto or one of {', '.join(QUANT_MODES)}, got {requested!r}")
-    if requested in ("nf4", "int8") and not bitsandbytes_available():
-        raise ConfigError("--quant", f"{requested} needs bitsandbytes, which is not importable here")
-    return requested
+def check_quant_available(quant: str) -> str:
+    """`quant` itself when this machine can load it (nf4/int8 need bitsandbytes); `auto` is resolved by
+    `edge_client.planning` before a model is loaded."""
+    if quant not in QUANT_MODES:
+        raise ConfigError("--quant", f"must be one of {', '.join(QUANT_MODES)}, got {quant!r}")
+    if quant in ("nf4", "int8") and not bitsandbytes_available():
+        raise ConfigError("--quant", f"{quant} needs bitsandbytes, which is not importable here")
+    return quant
 
 
 def load_model_dir(model_dir: Path, quant: str = "fp32"):

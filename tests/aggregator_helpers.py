@@ -25,6 +25,31 @@ def make_delta(global_state: dict, kept_layers, seed: int, scale: float = 0.01) 
             for k in keys_for_layers(global_state, kept_layers)}
 
 
+def header_for(path: Path, round_id: int, num_examples: int, kept, **overrides):
+    """The UploadHeader a well-behaved client would send for the file at `path` (fields overridable)."""
+    from prufed.common.wire import safetensors_index
+    from prufed.v1 import aggregator_pb2 as pb
+
+    fields = dict(round=round_id, total_bytes=path.stat().st_size, num_examples=num_examples, kept_layers=list(kept),
+                  tensors=[pb.TensorInfo(name=n, shape=list(s), dtype=d) for n, s, d in safetensors_index(path)])
+    fields.update(overrides)
+    return pb.UploadHeader(**fields)
+
+
+def raw_upload(client, header, data: bytes, sha: str | None, chunk: int = 4096, timeout: float = 30):
+    """UploadUpdate by hand: header, `data` in chunks, then a trailer with `sha` (None: no trailer)."""
+    from prufed.v1 import aggregator_pb2 as pb
+
+    def stream():
+        yield pb.UploadChunk(header=header)
+        for start in range(0, len(data), chunk):
+            yield pb.UploadChunk(data=data[start:start + chunk])
+        if sha is not None:
+            yield pb.UploadChunk(trailer=pb.UploadTrailer(sha256=sha))
+
+    return client.stub.UploadUpdate(stream(), metadata=client._metadata(), timeout=timeout)
+
+
 def fast_config(**overrides):
     from aggregator.config import AggregatorConfig
 

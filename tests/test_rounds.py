@@ -34,12 +34,15 @@ def make_fed(db_url: str, tmp_path: Path, model_dir: Path, **overrides) -> Feder
     return fed
 
 
-def upload(fed: Federation, client: str, layers, round_id: int, seed: int, examples: int, tmp_path: Path):
+def upload(fed: Federation, client: str, layers, round_id: int, seed: int, examples: int, tmp_path: Path,
+           tensors: dict | None = None):
+    """Send one update through the same checks as a stream (`tensors` default: a random delta from `seed`)."""
     path = tmp_path / f"{client}-{round_id}-{seed}.part"
     meta = AdapterMeta(DELTA_FORMAT, tuple(layers), "", round_id, examples)
     base = fed.global_state()
-    path.write_bytes(canonical_safetensors(make_delta(base, layers, seed), meta.to_strings()))
+    path.write_bytes(canonical_safetensors(tensors or make_delta(base, layers, seed), meta.to_strings()))
     header = UploadHeaderInfo(round_id, path.stat().st_size, examples, tuple(layers), safetensors_index(path))
+    fed.uploads.check_fields(header)
     fed.uploads.check(client, header)
     return fed.uploads.accept(client, header, path, hashlib.sha256(path.read_bytes()).hexdigest())
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from edge_client.core.pruning import DEFAULT_STRATEGY, STRATEGIES
 from prufed.cli.help import HelpFormatter
+from prufed.cli.modes import add_mode_arguments
 from prufed.common.errors import ConfigError
 from prufed.common.models import DEFAULT_MODEL
 
@@ -15,6 +16,8 @@ EPILOG = """examples:
   prufed simulate                                   # 6 clients over depths 30,20,10, 3 rounds -> runs/simulate/
   prufed simulate --profiles jetson-orin-nano-8gb,laptop-cpu-8gb --clients 4 --baseline homogeneous
   prufed simulate --smoke --model path/to/tiny-llama --depths 8,6,4 --out /tmp/sim
+  prufed simulate --db postgresql+psycopg://me@127.0.0.1/scratch --replicas 2 --blob-store db --chaos 3
+  prufed simulate --mode mixed --mix auto --baseline homogeneous   # per-group globals vs FedAvg per depth
 """
 
 
@@ -48,6 +51,9 @@ def register(subparsers) -> None:
     parser.add_argument("--data", default=None, help="instruction file with a 'category' per record (default: "
                                                      "built-in KJV demo tasks, category = book)")
     parser.add_argument("--out", default="runs/simulate", help="output directory")
+    add_mode_arguments(parser)
+    parser.add_argument("--eval-examples", type=int, default=4,
+                        help="local examples each agent holds out for federated evaluation (0: none)")
     parser.add_argument("--baseline", default=None, choices=("homogeneous",),
                         help="also run FedAvg within each depth group on the same data, for comparison")
     parser.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration (smaller = more skewed)")
@@ -67,6 +73,16 @@ def register(subparsers) -> None:
     parser.add_argument("--smoke", action="store_true",
                         help="tiny default sizes for tests (see each size flag); flags given explicitly still win")
     parser.add_argument("--json", action="store_true", help="print report.json on stdout instead of tables")
+    scale = parser.add_argument_group("replicas and chaos")
+    scale.add_argument("--db", default=None, help="database URL the aggregator replicas share, e.g. "
+                       "postgresql+psycopg://u@127.0.0.1/scratch (its PruFed tables are reset first; "
+                       "default: SQLite OUT/agg.db)")
+    scale.add_argument("--replicas", type=int, default=1, help="aggregator processes on the one database; agents "
+                       "get all their addresses and balance over them")
+    scale.add_argument("--blob-store", default="dir", choices=("dir", "db"),
+                       help="where uploads and globals live (aggregator serve --blob-store)")
+    scale.add_argument("--chaos", type=int, default=0, metavar="K", help="SIGKILL a random replica K times at "
+                       "random moments (seeded by --seed), restarting each; report.json records the kills")
     parser.set_defaults(func=simulate_command)
 
 
@@ -110,7 +126,9 @@ def build_config(args):
         raise ConfigError("--timeout", f"must be > 0, got {args.timeout}")
     return SimulationConfig(out=Path(args.out), depths=depths, profiles=profiles, strategy=args.strategy,
                             data=args.data, alpha=args.alpha, lr=args.lr, quant=args.quant, seed=args.seed,
-                            model=args.model, baseline=args.baseline, timeout_s=args.timeout, **sizes)
+                            model=args.model, baseline=args.baseline, timeout_s=args.timeout, mode=args.mode,
+                            mix=args.mix, eval_examples=args.eval_examples, db=args.db, replicas=args.replicas,
+                            blob_store=args.blob_store, chaos=args.chaos, **sizes)
 
 
 def simulate_command(args) -> int:
@@ -134,7 +152,7 @@ def simulate_command(args) -> int:
 
     def render() -> Table:
         table = Table(title="PruFed simulation (live)")
-        hetero = live_rows.get("heteagg", [])
+        hetero = live_rows.get(config.mode, [])
         depths = sorted({d for row in hetero for d in row["heldout_loss"]}, reverse=True)
         for column in ["run", "round", "clients/depth", "train loss", *[f"held-out d{d}" for d in depths],
                        "KiB up", "KiB down", "seconds"]:

@@ -33,8 +33,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from edge_client.core.memory import QUANT_CHOICES
 from edge_client.core.pruning import DEFAULT_STRATEGY
 from prufed.common.errors import ConfigError, PrufedError
+from prufed.simulation.replicas import ReplicaSet
 
 REPO = Path(__file__).resolve().parent.parent
 CHILD_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -65,9 +67,16 @@ class SimulationConfig:
     seed: int = 0
     model: str | None = None
     baseline: str | None = None  #: None | "homogeneous"
+    mode: str = "heteagg"  #: aggregation mode of the federation (aggregator/core/modes.py)
+    mix: float | str | None = None  #: --mix for mixed/additive (None: auto)
+    eval_examples: int = 4  #: examples each agent holds out for federated evaluation (0: none)
     deadline_s: float = 900.0
     timeout_s: float = 3600.0  #: give up (and clean up) after this long
     child_threads: int = 1  #: torch threads per agent process (N agents share the cores)
+    db: str | None = None  #: database URL shared by the replicas (None: SQLite OUT/agg.db); its tables are reset
+    replicas: int = 1  #: aggregator processes on the one database
+    blob_store: str = "dir"  #: dir | db (aggregator serve --blob-store)
+    chaos: int = 0  #: SIGKILLs to a random replica at random (seeded) moments, each one restarted
 
     def __post_init__(self) -> None:
         if self.clients < 1:
@@ -94,8 +103,22 @@ class SimulationConfig:
             raise ConfigError("--lr", f"must be > 0, got {self.lr}")
         if self.baseline not in (None, "homogeneous"):
             raise ConfigError("--baseline", f"must be 'homogeneous', got {self.baseline!r}")
-        if self.quant not in ("auto", "nf4", "int8", "bf16", "fp32"):
-            raise ConfigError("--quant", f"unknown mode {self.quant!r}")
+        if self.quant not in QUANT_CHOICES:
+            raise ConfigError("--quant", f"must be one of {', '.join(QUANT_CHOICES)}, got {self.quant!r}")
+        from aggregator.core.modes import check_mode
+
+        object.__setattr__(self, "mix", check_mode(self.mode, self.mix))
+        if self.eval_examples < 0:
+            raise ConfigError("--eval-examples", f"must be >= 0, got {self.eval_examples}")
+        if self.replicas < 1:
+            raise ConfigError("--replicas", f"must be >= 1, got {self.replicas}")
+        if self.chaos < 0:
+            raise ConfigError("--chaos", f"must be >= 0, got {self.chaos}")
+        if self.blob_store not in ("dir", "db"):
+            raise ConfigError("--blob-store", f"must be dir or db, got {self.blob_store!r}")
+        if self.db is not None and self.baseline is not None:
+            raise ConfigError("--baseline", "runs one federation per depth group, each on its own SQLite file: "
+                                            "not with --db")
 
 
 @dataclass
@@ -116,9 +139,12 @@ class FederationRun:
     name: str
     rows: list[dict] = field(default_factory=list)
     eval_round0: dict[int, float] = field(default_factory=dict)
+    groups: list[dict] = field(default_factory=list)  #: per-group modes: the last version's group globals
     clients: list[dict] = field(default_factory=list)
     aggregator_totals: dict = field(default_factory=dict)
     wall_s: float = 0.0
+    final_global: dict = field(default_factory=dict)  #: final_global_sha256, final_global_path
+    replicas: dict = field(default_factory=dict)  #: replica_kills, replica_requests (prufed.simulation.replicas)
 
 
 # ---- data -------------------------------------------------------------------------------------------------------
@@ -162,6 +188,16 @@ def write_shards(config: SimulationConfig, train: Sequence, out: Path) -> list[C
             args = ["--depth", "auto", "--profile", config.profiles[index % len(config.profiles)]]
         specs.append(ClientSpec(index, args, path, len(shard), dict(sorted(counts.items(), key=lambda kv: -kv[1]))))
     return specs
+
+
+def agent_args(config: SimulationConfig, spec: ClientSpec, address: str, token: str, model: str, name: str) -> list[str]:
+    """The `prufed edge run ...` arguments of one client: its depth (or profile, planned by the agent itself
+    through edge_client.planning, like `prufed plan`) and the federation's settings."""
+    args = ["edge", "run", "--aggregator", address, "--token", token, "--data", str(spec.data_path),
+            "--strategy", config.strategy, "--state-dir", str(spec.state_dir), "--quant", config.quant,
+            "--model", model, "--seed", str(config.seed + spec.index), "--name", f"{name}-client-{spec.index}",
+            "--retry-attempts", "20", "--eval-examples", str(config.eval_examples), *spec.args]
+    return args if config.gradient_checkpointing else [*args, "--no-gradient-checkpointing"]
 
 
 # ---- processes --------------------------------------------------------------------------------------------------
@@ -239,6 +275,15 @@ def scrape_totals(port: int) -> dict:
     return totals
 
 
+def write_final_global(federation, path: Path) -> dict:
+    """Copy the latest global version's blob to `path`; returns final_global_sha256 / final_global_path."""
+    from prufed.common.fsio import atomic_write_bytes
+
+    row = federation.globals.version_row(None)
+    atomic_write_bytes(path, federation.store.blobs.read_bytes(row.blob))
+    return {"final_global_sha256": row.sha256, "final_global_path": str(path)}
+
+
 # ---- evaluation -------------------------------------------------------------------------------------------------
 class DepthEvaluator:
     """Scores a global adapter's slice on each depth's pruned model (fp32, LoRA dropout off) on fixed held-out rows."""
@@ -280,12 +325,15 @@ class DepthEvaluator:
 def aggregator_yaml(config: SimulationConfig, num_clients: int, mode: str) -> dict:
     return {"rounds": config.rounds, "min_clients": num_clients, "clients_fraction": 1.0, "quorum_fraction": 1.0,
             "deadline_s": config.deadline_s, "retry_after_s": 0.25, "seed": config.seed, "mode": mode,
+            "mix": config.mix if mode == config.mode else None,
             "lora_r": config.lora_r, "lora_alpha": config.lora_alpha, "max_steps": config.local_steps,
-            "lr": config.lr, "batch_size": config.batch_size, "seq_len": config.seq_len}
+            "lr": config.lr, "batch_size": config.batch_size, "seq_len": config.seq_len,
+            # a replica killed while closing a round holds its claim this long before another one re-runs the close
+            **({"close_lease_s": 10.0} if config.replicas > 1 or config.chaos else {})}
 
 
 def run_federation(name: str, config: SimulationConfig, model: str, clients: Sequence[ClientSpec], out: Path,
-                   evaluator: DepthEvaluator, *, mode: str = "heteagg",
+                   evaluator: DepthEvaluator, *, mode: str,
                    on_row: Callable[[dict], None] | None = None) -> FederationRun:
     """Start an aggregator and one agent per client, follow the rounds to the end, evaluate every global version."""
     import yaml
@@ -299,6 +347,9 @@ def run_federation(name: str, config: SimulationConfig, model: str, clients: Seq
     fed_yaml = aggregator_yaml(config, len(clients), mode)
     (out / "aggregator.yaml").write_text(yaml.safe_dump(fed_yaml))
     db_path = out / "agg.db"
+    db_url = config.db or f"sqlite:///{db_path}"
+    blob_dir = out / ("spool" if config.blob_store == "db" else "blobs") if config.db or config.blob_store == "db" \
+        else None
     # A previous run into the same --out left a finished federation behind: its agents' state dirs would resume
     # as "done" against this fresh aggregator and never register, and a killed run's SQLite -wal file would be
     # replayed into the new database, so every piece of run state goes (agg.db, -wal, -shm, .blobs).
@@ -309,28 +360,25 @@ def run_federation(name: str, config: SimulationConfig, model: str, clients: Seq
             shutil.rmtree(stale)
         elif stale.exists():
             stale.unlink()
-    metrics_port = free_port()
+    if config.db:  # a fresh federation: the previous run's rows (and blobs) go
+        Store(db_url, blob_dir, config.blob_store).reset()
     children = Children()
     run = FederationRun(name)
     started = time.perf_counter()
+    serve = [sys.executable, "-m", "prufed", "aggregator", "serve", "--db", db_url, "--model", model, "--config",
+             str(out / "aggregator.yaml"), "--enroll-token", token, "--blob-store", config.blob_store,
+             *(["--blob-dir", str(blob_dir)] if blob_dir else [])]
+    replicas = ReplicaSet(children, serve, [(free_port(), free_port()) for _ in range(config.replicas)], out,
+                          chaos=config.chaos, seed=config.seed)
     try:
-        server = children.spawn([sys.executable, "-m", "prufed", "aggregator", "serve", "--listen", "127.0.0.1:0",
-                                 "--db", f"sqlite:///{db_path}", "--model", model, "--config",
-                                 str(out / "aggregator.yaml"), "--enroll-token", token, "--metrics-port",
-                                 str(metrics_port)], out / "aggregator.log")
-        address = wait_listening(out / "aggregator.log", server)
+        address = replicas.start()
         agents = []
         for spec in clients:
-            cmd = [sys.executable, "-m", "prufed", "edge", "run", "--aggregator", address, "--token", token,
-                   "--data", str(spec.data_path), "--strategy", config.strategy, "--state-dir", str(spec.state_dir),
-                   "--quant", config.quant, "--model", model, "--seed", str(config.seed + spec.index),
-                   "--name", f"{name}-client-{spec.index}", "--retry-attempts", "20", *spec.args]
-            if not config.gradient_checkpointing:
-                cmd.append("--no-gradient-checkpointing")
+            cmd = [sys.executable, "-m", "prufed", *agent_args(config, spec, address, token, model, name)]
             spec.state_dir.parent.mkdir(parents=True, exist_ok=True)
             agents.append(children.spawn(cmd, spec.state_dir.parent / "agent.log"))
 
-        store = Store(f"sqlite:///{db_path}")
+        store = Store(db_url, blob_dir, config.blob_store)
         federation = Federation(store, AggregatorConfig(**{k: v for k, v in fed_yaml.items()}))
         evaluated = 0
         deadline = time.monotonic() + config.timeout_s
@@ -340,22 +388,22 @@ def run_federation(name: str, config: SimulationConfig, model: str, clients: Seq
                     raise PrufedError(f"agent {spec.index} exited with {proc.returncode}; see "
                                       f"{spec.state_dir.parent / 'agent.log'}:\n"
                                       + (spec.state_dir.parent / "agent.log").read_text(errors="replace")[-2000:])
-            if server.poll() is not None:
-                raise PrufedError(f"the aggregator exited ({server.returncode}); see {out / 'aggregator.log'}")
+            replicas.check()
+            replicas.scrape()
             if any(spec.plan is None for spec in clients):
                 for spec in clients:
                     state = _read_json(spec.state_dir / "state.json")
                     if state:
                         spec.plan = state["plan"]
                 if all(spec.plan is not None for spec in clients) and not run.eval_round0:
-                    run.eval_round0 = _evaluate(evaluator, clients, federation.global_state(0))
+                    run.eval_round0 = _evaluate(evaluator, clients, federation, 0)
                     if on_row:
                         on_row({"round": 0, "heldout_loss": run.eval_round0})
             status = read_status(store)
             closed = [r for r in status["rounds"] if r["state"] == "closed"]
             while evaluated < len(closed):
                 r = closed[evaluated]
-                losses = _evaluate(evaluator, clients, federation.global_state(r["metrics"]["global_version"]))
+                losses = _evaluate(evaluator, clients, federation, r["metrics"]["global_version"])
                 row = round_row(r, clients, losses)
                 run.rows.append(row)
                 evaluated += 1
@@ -368,7 +416,12 @@ def run_federation(name: str, config: SimulationConfig, model: str, clients: Seq
             if time.monotonic() > deadline:
                 raise PrufedError(f"the federation did not finish within {config.timeout_s:.0f} s")
             time.sleep(0.3)
-        run.aggregator_totals = scrape_totals(metrics_port)
+        replicas.stop()
+        totals = [scrape_totals(r.metrics_port) for r in replicas.replicas]
+        run.aggregator_totals = {key: sum(t.get(key, 0) for t in totals) for key in ("bytes_up", "bytes_down")
+                                 if any(key in t for t in totals)}
+        run.replicas = replicas.report()
+        run.final_global = write_final_global(federation, out / "final_global.safetensors")
         store.dispose()
     finally:
         children.close()
@@ -377,6 +430,7 @@ def run_federation(name: str, config: SimulationConfig, model: str, clients: Seq
     status = read_status(Store(f"sqlite:///{db_path}"))
     closed = [r for r in status["rounds"] if r["state"] == "closed"]
     run.rows = [round_row(r, clients, row["heldout_loss"]) for r, row in zip(closed, run.rows)]
+    run.groups = status["groups"]
     run.clients = [{"index": s.index, "depth": len(s.plan["kept_layers"]), "kept_layers": s.plan["kept_layers"],
                     "emulation": " ".join(s.args), "num_examples": s.num_examples, "categories": s.categories}
                    for s in clients]
@@ -390,9 +444,11 @@ def _read_json(path: Path) -> dict | None:
         return None
 
 
-def _evaluate(evaluator: DepthEvaluator, clients: Sequence[ClientSpec], global_state) -> dict[int, float]:
+def _evaluate(evaluator: DepthEvaluator, clients: Sequence[ClientSpec], federation, version: int) -> dict[int, float]:
+    """Held-out loss per depth of global `version`; in a per-group mode each depth scores its own group's global."""
     plans = {len(s.plan["kept_layers"]): s.plan for s in clients}
-    return {depth: evaluator.loss(plans[depth], global_state) for depth in sorted(plans, reverse=True)}
+    return {depth: evaluator.loss(plans[depth], federation.globals.state(version, group=plans[depth]["kept_layers"]))
+            for depth in sorted(plans, reverse=True)}
 
 
 def round_row(status_round: dict, clients: Sequence[ClientSpec], heldout: dict[int, float]) -> dict:
@@ -422,6 +478,11 @@ def round_row(status_round: dict, clients: Sequence[ClientSpec], heldout: dict[i
         "slowest_step_s": max((e.get("train_seconds", 0.0) for _, e in records), default=0.0),
         "overhead": (seconds - slowest) / seconds if seconds > 0 else None,
         "updates": status_round["metrics"].get("updates"), "examples": status_round["metrics"].get("examples"),
+        # the clients' own held-out loss of the global this round started from (version round − 1), before training
+        "federated_eval": {int(d): e["loss"] for d, e in status_round.get("eval", {}).items()},
+        "federated_eval_examples": {int(d): e["examples"] for d, e in status_round.get("eval", {}).items()},
+        "groups": [{key: g[key] for key in ("group", "clients", "examples", "sha256")}
+                   for g in status_round["metrics"].get("report", {}).get("groups", [])],
     }
 
 
@@ -439,7 +500,8 @@ def simulate(config: SimulationConfig, *, on_row: Callable[[str, dict], None] | 
     evaluator = DepthEvaluator(model, heldout, config.seq_len, {"r": config.lora_r, "alpha": config.lora_alpha,
                                                                  "targets": ["q_proj", "v_proj"]})
     emit = (lambda name: (lambda row: on_row(name, row))) if on_row else (lambda name: None)
-    hetero = run_federation("heteagg", config, model, clients, out, evaluator, on_row=emit("heteagg"))
+    hetero = run_federation(config.mode, config, model, clients, out, evaluator, mode=config.mode,
+                            on_row=emit(config.mode))
     baseline: dict[int, FederationRun] = {}
     if config.baseline == "homogeneous":
         groups: dict[int, list[ClientSpec]] = {}
@@ -467,10 +529,12 @@ def build_report(config: SimulationConfig, hetero: FederationRun, baseline: dict
     overheads = [r["overhead"] for r in rounds if r["overhead"] is not None]
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()}
     return {
-        "config": settings, "wall_s": round(wall_s, 2), "federation_wall_s": round(hetero.wall_s, 2),
+        "config": settings, "mode": config.mode, "mix": config.mix, "groups": hetero.groups,
+        "wall_s": round(wall_s, 2), "federation_wall_s": round(hetero.wall_s, 2),
         "num_train_examples": num_train, "num_heldout_examples": num_heldout,
         "clients": hetero.clients, "heldout_loss_round0": hetero.eval_round0, "rounds": rounds,
         "aggregator_totals": hetero.aggregator_totals,
+        **hetero.final_global, **hetero.replicas,
         "agent_totals": {"bytes_up": sum(r["bytes_up"] for r in rounds),
                          "bytes_down": sum(r["bytes_down"] for r in rounds)},
         "mean_overhead": sum(overheads) / len(overheads) if overheads else None,
@@ -489,12 +553,15 @@ def table_rows(report: dict) -> tuple[list[str], list[list[str]]]:
     depths = sorted((int(d) for d in report["heldout_loss_round0"]), reverse=True)
     base = sorted((int(d) for d in report["baseline"]), reverse=True)
     header = (["round", "clients/depth", "train loss"] + [f"held-out d{d}" for d in depths]
+              + [f"fed-eval d{d}" for d in depths]
               + [f"FedAvg-only d{d}" for d in base] + ["KiB up", "KiB down", "seconds", "overhead"])
-    lines = [["0", "", "–"] + [_fmt(report["heldout_loss_round0"].get(str(d))) for d in depths]
+    lines = [["0", "", "–"] + [_fmt(report["heldout_loss_round0"].get(str(d))) for d in depths] + ["–"] * len(depths)
              + [_fmt(report["baseline"][str(d)]["round0"].get(str(d))) for d in base] + ["–", "–", "–", "–"]]
     for row in report["rounds"]:
+        fed = row.get("federated_eval", {})
         lines.append([str(row["round"]), " ".join(f"{d}:{n}" for d, n in row["clients_per_depth"].items()),
                       _fmt(row["train_loss"])] + [_fmt(row["heldout_loss"].get(str(d))) for d in depths]
+                     + [_fmt(fed.get(str(d))) for d in depths]
                      + [_fmt(row["baseline_heldout_loss"].get(str(d))) for d in base]
                      + [f"{row['bytes_up'] / 1024:.0f}", f"{row['bytes_down'] / 1024:.0f}", f"{row['seconds']:.1f}",
                         _fmt(row["overhead"], ".1%")])
@@ -504,7 +571,9 @@ def table_rows(report: dict) -> tuple[list[str], list[list[str]]]:
 def write_report(out: Path, report: dict) -> None:
     (out / "report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
     header, lines = table_rows(report)
+    mix = f" (--mix {report['mix']})" if report.get("mix") is not None else ""
     md = ["# PruFed simulation report", "",
+          f"Aggregation mode `{report.get('mode', 'heteagg')}`{mix}. "
           f"{len(report['clients'])} clients, {len(report['rounds'])} rounds, model `{report['config']['model']}`, "
           f"quant {report['config']['quant']}, {report['config']['local_steps']} local steps of batch "
           f"{report['config']['batch_size']}, seq-len {report['config']['seq_len']}, Dirichlet α "
@@ -512,8 +581,17 @@ def write_report(out: Path, report: dict) -> None:
           "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     md += ["| " + " | ".join(line) + " |" for line in lines]
     md += ["", "Held-out loss: masked next-token loss over response tokens of the common held-out set, for the new "
-               "global adapter's slice on each depth's pruned model. Overhead = (round seconds − slowest client's "
-               "local training) / round seconds.", "", "## Clients", "",
+               "global adapter's slice on each depth's pruned model (in a per-group mode, each depth's own group "
+               "global). Fed-eval (federated evaluation): the clients' example-weighted mean loss on their own "
+               "held-out examples of the global the round started from (version round − 1), scored on the device "
+               "before training. Overhead = (round seconds − slowest client's local training) / round seconds.", ""]
+    if report.get("groups"):
+        md += ["## Depth groups (per-group globals)", "", "| kept layers | depth | version | clients | examples | "
+               "sha256 |", "|---|---|---|---|---|---|"]
+        md += [f"| {g['kept_layers']} | {g['depth']} | {g['version']} | {g['clients']} | {g['examples']} | "
+               f"{g['sha256'][:12]} |" for g in report["groups"]]
+        md += ["", "Clients and examples: those of the group folded into the last version.", ""]
+    md += ["## Clients", "",
            "| client | depth | kept layers | examples | top categories |", "|---|---|---|---|---|"]
     for c in report["clients"]:
         top = ", ".join(f"{k} {v}" for k, v in list(c["categories"].items())[:3])
@@ -540,7 +618,12 @@ def plot_losses(report: dict, path: Path) -> None:
         color = f"C{i}"
         key = str(depth)
         ys = [report["heldout_loss_round0"].get(key)] + [r["heldout_loss"].get(key) for r in report["rounds"]]
-        ax.plot(rounds, ys, marker="o", color=color, label=f"HeteAgg, depth {depth}")
+        ax.plot(rounds, ys, marker="o", color=color, label=f"{report.get('mode', 'heteagg')}, depth {depth}")
+        fed = [(r["round"] - 1, r.get("federated_eval", {}).get(key)) for r in report["rounds"]]
+        fed = [(x, y) for x, y in fed if y is not None]
+        if fed:  # the clients' own held-out loss of version r−1, plotted at that version
+            ax.plot([x for x, _ in fed], [y for _, y in fed], marker=".", linestyle=":", color=color,
+                    label=f"federated eval, depth {depth}")
         if key in report["baseline"]:
             b = report["baseline"][key]
             ys = [b["round0"].get(key)] + [row["heldout_loss"].get(key) for row in b["rows"]]
