@@ -143,3 +143,42 @@ def test_global_must_be_a_global_adapter(files, monkeypatch, capsys, tmp_path):
     code, _, err = run(["--global", paths["deep"], "--update", paths["shallow"], "--out", tmp_path / "o.safetensors"],
                        monkeypatch, capsys)
     assert code == 2 and "--global" in err and "prufed-adapter/1" in err
+
+
+def test_per_group_mode_writes_one_file_per_group_and_an_index(files, monkeypatch, capsys, tmp_path):
+    """fedavg-group: each group's file is the global plus its own clients' mean only; the DIR is the next --global."""
+    root, paths, global_state, deltas = files
+    out = tmp_path / "groups"
+    code, stdout, _ = run(["--global", paths["global"], "--update", paths["deep"], "--update", paths["shallow"],
+                           "--out", out, "--mode", "fedavg-group", "--json"], monkeypatch, capsys)
+    assert code == 0
+    index = json.loads((out / "index.json").read_text())
+    assert json.loads(stdout)["groups"] == index
+    assert sorted((e["kept_layers"], e["clients"], e["examples"]) for e in index) == sorted(
+        (list(kept), 1, n) for kept, n in CLIENTS.values())
+    for name, (kept, _n) in CLIENTS.items():
+        [entry] = [e for e in index if e["kept_layers"] == list(kept)]
+        state, meta = load_adapter(out / entry["file"])
+        assert meta.format == GLOBAL_FORMAT and meta.round == 4 and meta.lora == LORA
+        for key, value in state.items():
+            want = global_state[key] if key not in deltas[name] else \
+                (global_state[key].double() + deltas[name][key].double()).float()
+            assert torch.equal(value, want), key
+    # the next round from the directory: mixed at 0 is fedavg-group on every group's held keys
+    again = tmp_path / "groups-2"
+    code, _, _ = run(["--global", out, "--update", paths["deep"], "--update", paths["shallow"], "--out", again,
+                      "--mode", "mixed", "--mix", "0"], monkeypatch, capsys)
+    assert code == 0
+    for entry in json.loads((again / "index.json").read_text()):
+        before = load_adapter(out / entry["file"])[0]
+        after = load_adapter(again / entry["file"])[0]
+        name = next(n for n, (kept, _) in CLIENTS.items() if list(kept) == entry["kept_layers"])
+        for key in deltas[name]:
+            assert torch.equal(after[key], (before[key].double() + deltas[name][key].double()).float())
+    # a group the directory does not list has no global to start from
+    lone = save_adapter(tmp_path / "lone.safetensors", {k: deltas["shallow"][k] for k in
+                                                         keys_for_layers(global_state, [0, 2])},
+                        AdapterMeta(DELTA_FORMAT, (0, 2), base_model=BASE, round=4, num_examples=3, lora=LORA))
+    code, _, err = run(["--global", out, "--update", lone, "--out", tmp_path / "g3", "--mode", "fedavg-group"],
+                       monkeypatch, capsys)
+    assert code == 2 and err.startswith("error: --global") and "[0, 2]" in err

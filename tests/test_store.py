@@ -12,7 +12,7 @@ import time
 import pytest
 import sqlalchemy
 from aggregator_helpers import make_store
-from sqlalchemy import insert, select
+from sqlalchemy import insert, select, update
 
 from aggregator.state import Store, federation, uploads
 from prufed.common.errors import ConfigError
@@ -149,3 +149,34 @@ def test_db_blob_store_streams_chunks_in_and_out(db_url, tmp_path):
         store.blobs.read_bytes("0" * 64)
     for s in (store, *racers):
         s.dispose()
+
+
+def test_orphan_blobs_are_swept_after_the_grace_period(db_url, tmp_path):
+    from aggregator_helpers import fast_config
+
+    from aggregator.federation import Federation
+    from aggregator.state import blob_index, global_versions
+
+    store = make_store(db_url, tmp_path)
+    kept, orphan, young = (store.blobs.put_bytes(os.urandom(100)) for _ in range(3))
+    with store.write() as tx:
+        tx.conn.execute(insert(global_versions).values(version=0, round=0, blob=kept, sha256=kept, created_at=0.0))
+    old = time.time() - 120
+    for ref in (kept, orphan):
+        if store.is_sqlite:  # the directory store: file mtimes
+            os.utime(store.blobs.path(ref), (old, old))
+        else:  # the database store: the blobs row's created_at
+            with store.write() as tx:
+                tx.conn.execute(update(blob_index).where(blob_index.c.sha256 == ref).values(created_at=old))
+    fed = Federation(store, fast_config(blob_sweep_grace_s=60))
+    assert fed.sweep_blobs() == 1
+
+    def exists(ref):
+        try:
+            store.blobs.read_bytes(ref)
+        except (FileNotFoundError, KeyError):
+            return False
+        return True
+
+    assert [exists(r) for r in (kept, orphan, young)] == [True, False, True]
+    store.dispose()

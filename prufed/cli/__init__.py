@@ -13,6 +13,7 @@ import sys
 from collections.abc import Sequence
 
 from prufed import __version__
+from prufed.cli import quiet
 from prufed.cli.extras import COMMAND_EXTRAS, install_hint, missing_extras, missing_extras_message
 from prufed.common.errors import PrufedError
 
@@ -26,6 +27,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "prufed.cli.simulate",  # simulate
     "prufed.cli.onnx",  # export-onnx, generate
     "prufed.cli.doctor",  # doctor
+    "prufed.cli.export_adapter",  # export-adapter
 )
 FIRST_PARTY = ("prufed", "edge_client", "aggregator")
 
@@ -37,9 +39,11 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Run `prufed COMMAND --help` for a command's options. Errors exit with status 2.",
     )
     parser.add_argument("--version", action="version", version=f"prufed {__version__}")
+    parser.add_argument("--verbose", action="store_true", help=quiet.VERBOSE_HELP)
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for module_name in COMMAND_MODULES:
         importlib.import_module(module_name).register(subparsers)
+    quiet.add_verbose_flag(parser)
     return parser
 
 
@@ -51,6 +55,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if missing:
         print(f"error: {missing_extras_message(args.command, missing)}", file=sys.stderr)
         return 2
+    quiet.configure(args.verbose)
     try:
         return int(args.func(args) or 0)
     except PrufedError as exc:

@@ -27,6 +27,7 @@ COMMAND_EXTRAS: dict[str, tuple[str, ...]] = {
     "edge": ("edge",),
     "export-onnx": ("edge",),
     "generate": ("edge",),
+    "export-adapter": ("edge",),  # --db also needs [aggregator]; the store import says so
     "aggregator": ("aggregator",),
     "simulate": ("edge", "aggregator", "experiments"),
 }

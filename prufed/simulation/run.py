@@ -328,6 +328,8 @@ def aggregator_yaml(config: SimulationConfig, num_clients: int, mode: str) -> di
             "mix": config.mix if mode == config.mode else None,
             "lora_r": config.lora_r, "lora_alpha": config.lora_alpha, "max_steps": config.local_steps,
             "lr": config.lr, "batch_size": config.batch_size, "seq_len": config.seq_len,
+            # every agent enrols from 127.0.0.1 with one token: let all of them through the Register rate limit
+            "register_burst": max(20, num_clients),
             # a replica killed while closing a round holds its claim this long before another one re-runs the close
             **({"close_lease_s": 10.0} if config.replicas > 1 or config.chaos else {})}
 
