@@ -65,7 +65,9 @@ def refuse(context: grpc.ServicerContext, metrics, method: str, error: Refused) 
     """Log, count and send one refusal (the only place a call is aborted)."""
     metrics.refused(method, error.code)
     log.info("refused call", extra={"method": method, "code": error.code.value, "reason": str(error)})
-    context.set_trailing_metadata(((REFUSAL_METADATA_KEY, error.code.value),))
+    # a refusal is an answer, not a lost connection: "-1" tells the client channel's retry policy (which replays
+    # calls cut off by a dying replica) not to re-send this one
+    context.set_trailing_metadata(((REFUSAL_METADATA_KEY, error.code.value), ("grpc-retry-pushback-ms", "-1")))
     context.abort(status_of(error.code), str(error))
     raise AssertionError("context.abort returned")  # pragma: no cover - abort always raises
 

@@ -41,8 +41,13 @@ def register(subparsers) -> None:
                            description="Serve Register/PullTask/DownloadGlobal/UploadUpdate/Status until SIGTERM.")
     serve.add_argument("--listen", default="127.0.0.1:50051", help="HOST:PORT to bind (port 0 picks a free one)")
     serve.add_argument("--db", required=True, help="database URL: sqlite:///path.db or postgresql+psycopg://...")
+    serve.add_argument("--blob-store", choices=("dir", "db"), default="dir",
+                       help="where uploads and global versions live: dir = files in --blob-dir (default); db = ~1 MiB "
+                            "chunk rows in the database itself, so replicas on several hosts share nothing else")
     serve.add_argument("--blob-dir", default=None, help="blob directory (default: <db file>.blobs; required for "
-                                                        "non-SQLite databases)")
+                                                        "non-SQLite databases with --blob-store dir); with "
+                                                        "--blob-store db only partial uploads spool here "
+                                                        "(default: the system temp dir)")
     serve.add_argument("--model", default=None, help="base model: an alias (smollm2-135m) or a local HF directory "
                                                      "(default: smollm2-135m)")
     serve.add_argument("--config", default=None, help="aggregator.yaml with AggregatorConfig fields")
@@ -69,6 +74,7 @@ def register(subparsers) -> None:
                             epilog=STATUS_EPILOG, description="Read rounds, clients and metrics without a server.")
     status.add_argument("--db", required=True, help="database URL, as given to serve")
     status.add_argument("--blob-dir", default=None, help="blob directory (non-SQLite databases)")
+    status.add_argument("--blob-store", choices=("dir", "db"), default="dir", help="as given to serve")
     status.add_argument("--json", action="store_true", help="print machine-readable JSON on stdout")
     status.set_defaults(func=status_command)
 
@@ -158,7 +164,7 @@ def serve_command(args) -> int:
         dashboard = DashboardConfig(dash_host, dash_port, token=None if is_loopback_host(dash_host) else tokens[0],
                                     tls_cert=args.tls_cert, tls_key=args.tls_key)
     model_dir = resolve_model(args.model)
-    store = Store(args.db, args.blob_dir)
+    store = Store(args.db, args.blob_dir, args.blob_store)
     server, port = create_server(args.listen, store, config, tls, enroll_tokens=tokens, insecure=args.insecure,
                                  model_dir=model_dir, metrics_port=args.metrics_port, dashboard=dashboard)
     host = args.listen.rpartition(":")[0]
@@ -186,7 +192,7 @@ def status_command(args) -> int:
         path = Path(db[len("sqlite:///"):]).expanduser()
         if not path.is_file():
             raise ConfigError("--db", f"{path}: no such database file")
-    status = read_status(Store(db, args.blob_dir))
+    status = read_status(Store(db, args.blob_dir, args.blob_store))
     version = int(status["global_version"])
     # Version 0 is the initial adapter (lora_B = 0), nothing to export yet.
     status["export_command"] = export_command(db, version) if version > 0 else None
