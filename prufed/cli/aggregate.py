@@ -15,8 +15,8 @@ import json
 import sys
 from pathlib import Path
 
-from aggregator.core.modes import MIX_HELP, MODE_HELP
 from prufed.cli.help import HelpFormatter
+from prufed.cli.modes import add_mode_arguments
 from prufed.common.errors import ConfigError, PrufedError
 
 INDEX = "index.json"
@@ -48,8 +48,7 @@ def register(subparsers) -> None:
                         help="where to write the new global adapter; a directory for a per-group mode")
     parser.add_argument("--weighting", default="examples",
                         help="client weight: examples (its num_examples) or uniform (1 for every client)")
-    parser.add_argument("--mode", default="heteagg", help=MODE_HELP)
-    parser.add_argument("--mix", default=None, help=MIX_HELP)
+    add_mode_arguments(parser)
     parser.add_argument("--space", default="factors",
                         help="factors: average lora_A and lora_B separately; product: average the exact products "
                         "B·A, then truncated SVD back to rank r")
