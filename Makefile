@@ -40,11 +40,7 @@ check-postgres: setup
 protos: setup
 	$(BIN)/python scripts/gen_protos.py
 
-check-check-postgres:
-	@PYTHONPATH=tests $(BIN)/python -c 'import sys, postgres_cluster as pg; \
-	exec("try: pg.find_bin_dir()\nexcept pg.PostgresMissing as e: sys.exit(f\"make test: {e}\")")'
-
-protos: setup
+check-protos: setup
 	$(BIN)/python scripts/gen_protos.py --check
 
 clean:
