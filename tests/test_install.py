@@ -128,6 +128,7 @@ def _pip_install(python: Path, *args) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1500)  # ~90 s on an idle 2-core machine; two installs and four cold CLI starts under load: minutes
 def test_wheel_installs_by_role_in_a_fresh_venv(tmp_path):
     source = tmp_path / "src"  # a copy, so the build's build/ and *.egg-info never land in the checkout
     shutil.copytree(REPO, source, ignore=shutil.ignore_patterns(
