@@ -117,10 +117,11 @@ def _enroll_tokens(args) -> list[str]:
         if not tokens:
             raise ConfigError("--tokens-file", f"{path}: holds no tokens")
     if not tokens:
-        from aggregator.server import is_loopback, split_address
+        from aggregator.server import split_address
+        from prufed.common.net import is_loopback_host
 
         # The same loopback test the server applies to plaintext: off loopback a token stays mandatory.
-        if is_loopback(split_address(args.listen)[0]):
+        if is_loopback_host(split_address(args.listen)[0]):
             return [_loopback_token(args)]
         raise ConfigError("--enroll-token", "Register must be gated off loopback: give --enroll-token or --tokens-file")
     return tokens
