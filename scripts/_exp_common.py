@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from edge_client.evaluate import EvalResult, batched, masked_loss, pad_batch
+from edge_client.evaluate import EvalResult, batched, masked_loss
 
 TASKS = ("alpaca", "gsm8k")
 ANSWER_MARK = "####"
@@ -154,13 +154,13 @@ def pruned_copy(base: torch.nn.Module, kept_layers: Sequence[int]) -> torch.nn.M
 
 def finetune(model: torch.nn.Module, rows: Sequence[Mapping], *, steps: int, batch_size: int, lr: float, seed: int,
              pad_id: int) -> list[float]:
-    """`steps` AdamW steps of the masked next-token loss on batches of `rows` in `batch_indices` order (seeded
-    per-epoch shuffles, as in `edge_client.train`), gradient norm clipped to 1.
-
-    Only parameters with requires_grad (the LoRA factors, fp32 even over bf16 base weights) are updated; batches go
-    to the model's device. Returns the per-step training losses.
+    """`steps` AdamW steps (lr, no weight decay, gradient norm clipped to 1) of the prompt-masked next-token loss,
+    with the product's CPU-fast primitives (`edge_client.train.steps`): length-grouped batches of `rows` (seeded
+    per-epoch shuffles re-cut by length, so little compute goes to padding) and the vocabulary projection only at
+    trained positions (the same mean NLL per answer token). Only parameters with requires_grad (the fp32 LoRA
+    factors) are updated; batches go to the model's device. Returns the per-step training losses.
     """
-    from edge_client.data import batch_indices
+    from edge_client.train.steps import micro_batches, train_step, trained_position_loss
 
     params = [p for p in model.parameters() if p.requires_grad]
     device = params[0].device
@@ -168,15 +168,15 @@ def finetune(model: torch.nn.Module, rows: Sequence[Mapping], *, steps: int, bat
     losses = []
     model.train()
     for step in range(steps):
-        batch = pad_batch([rows[i] for i in batch_indices(len(rows), batch_size, seed, step)], pad_id)
-        loss = model(**{k: v.to(device) for k, v in batch.items()}, use_cache=False).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())
+        micro = micro_batches(rows, pad_id, batch_size, 1, seed, step, grouped=True)
+        loss, _ = train_step(model, micro, params, optimizer, device=device, loss_fn=trained_position_loss)
+        losses.append(loss)
     model.eval()
     return losses
+
+
+#: What `finetune` does, recorded in every cell's config (a cell trained otherwise is not the same cell).
+TRAINER = "AdamW, length-grouped batches, loss at trained positions (edge_client.train.steps)"
 
 
 def evaluate_rows(model: torch.nn.Module, rows: Sequence[Mapping], pad_id: int, batch_size: int = 8) -> EvalResult:

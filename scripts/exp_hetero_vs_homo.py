@@ -175,7 +175,8 @@ def cell_config(args, cell: Cell, model_dir: Path) -> dict:
             "local_steps": args.local_steps, "batch_size": args.batch_size, "lr": args.lr, "lora_r": args.lora_r,
             "lora_alpha": 2 * args.lora_r, "dirichlet_alpha": args.alpha, "clients_per_depth": args.clients_per_depth,
             "examples_per_client": args.examples_per_client, "heldout": args.heldout, "max_len": args.max_len,
-            "eval_rounds": args.eval_set, "groups": len(args.regime_list[0][1]) if cell.run.mode == "homogeneous"
+            "eval_rounds": args.eval_set, "trainer": common.TRAINER,
+            "groups": len(args.regime_list[0][1]) if cell.run.mode == "homogeneous"
             else len(cell.depths), "alpaca": Path(args.alpaca).name if args.alpaca else "demo"}
 
 

@@ -111,7 +111,7 @@ def cell_config(args, strategy: str, task: str) -> dict:
         config |= {"gen": args.gen, "max_new_tokens": args.max_new_tokens, "em_max_loss": args.em_max_loss}
     if strategy != "none":
         config |= {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "lora_r": args.lora_r,
-                   "lora_alpha": 2 * args.lora_r}
+                   "lora_alpha": 2 * args.lora_r, "trainer": common.TRAINER}
     return config
 
 
