@@ -45,9 +45,9 @@ def heldout_split(examples: Sequence[InstructionExample], max_heldout: int, seed
 
 def score_global(model: str | None, plan: PruningPlan, global_state: Mapping, heldout: Sequence[InstructionExample],
                  *, seq_len: int, lora: Mapping, quant: str, batch_size: int = 4) -> FederatedEval | None:
-    """The held-out loss of `global_state` (ORIGINAL keys, this plan's kept layers) on the pruned model loaded in
-    `quant` (the precision the agent trains in); None when no held-out example has a response token within
-    `seq_len`."""
+    """The held-out loss of `global_state` (ORIGINAL keys, this plan's kept layers) on the pruned model, loaded in
+    `quant` (the plan's resolved precision, never "auto"); None when no held-out example has a response token
+    within `seq_len`."""
     import torch
 
     from edge_client.data import tokenize_examples

@@ -15,7 +15,6 @@ import json
 import sys
 from pathlib import Path
 
-from aggregator.core.modes import GROUP_MODES, check_mode
 from prufed.cli.help import HelpFormatter
 from prufed.cli.modes import add_mode_arguments
 from prufed.common.errors import ConfigError, PrufedError
@@ -128,23 +127,24 @@ def _group_file(group: tuple[int, ...]) -> str:
 
 def _make_aggregator(args, config, initial, globals_):
     from aggregator.core.heteagg import HeteAggregator
-    from aggregator.core.modes import group_aggregator
+    from aggregator.core.modes import check_mode, group_aggregator, is_group_mode
 
     mix = check_mode(args.mode, args.mix)
-    if args.mode not in GROUP_MODES:
-        return HeteAggregator(initial, config)
-    return group_aggregator(args.mode, globals_, config, initial, mix=mix)
+    if is_group_mode(args.mode):
+        return group_aggregator(args.mode, globals_, config, initial, mix)
+    return HeteAggregator(initial, config)
 
 
 def cmd_aggregate(args: argparse.Namespace) -> int:
     from aggregator.core.heteagg import AggregationConfig
+    from aggregator.core.modes import check_mode, is_group_mode
     from aggregator.core.validate import UpdateRejected
     from prufed.common.adapter_format import GLOBAL_FORMAT, AdapterMeta, save_adapter
     from prufed.common.fsio import atomic_write_text
     from prufed.common.refusals import RefusalCode
 
-    check_mode(args.mode, args.mix)  # names --mode or --mix before any file is read
-    per_group = args.mode in GROUP_MODES
+    check_mode(args.mode, args.mix)  # before any file is read
+    per_group = is_group_mode(args.mode)
     config = AggregationConfig(weighting=args.weighting, mode="fedavg" if args.mode == "fedavg" else "heteagg",
                                space=args.space, server_lr=args.server_lr, clip_norm=args.clip_norm,
                                trim_fraction=args.trim_fraction)
