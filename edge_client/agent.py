@@ -223,6 +223,11 @@ class Agent:
                   f"kept layers {list(plan.kept_layers)}")
 
     @property
+    def train_quant(self) -> str:
+        """The weight precision of the registered plan (training and federated evaluation load the model so)."""
+        return (self.state.get("depth_choice") or {}).get("quant", self.config.quant)
+
+    @property
     def kept_layers(self) -> tuple[int, ...]:
         return tuple(self.state["plan"]["kept_layers"])
 
@@ -263,7 +268,7 @@ class Agent:
             result = score_global(self.config.model, PruningPlan.from_json_dict(self.state["plan"]),
                                   load_adapter(self.round_dir(self.state["round"]) / GLOBAL_FILE)[0], self._heldout,
                                   seq_len=int(hp.get("seq_len") or 256), lora=self.state["federation"]["lora"],
-                                  quant=(self.state.get("depth_choice") or {}).get("quant", self.config.quant))
+                                  quant=self.train_quant)
         self.persist(current=dict(current, eval=result.to_json_dict() if result else None))
         if result:
             self._log(f"round {self.state['round']}: federated eval of global v{self.state['global_version']}: "
@@ -283,7 +288,7 @@ class Agent:
         config = TrainConfig(
             model=self.config.model or TrainConfig.model, kept_layers=self.kept_layers, max_steps=steps,
             batch_size=batch, lr=float(hp.get("lr") or 2e-4), seq_len=int(hp.get("seq_len") or 256),
-            quant=(self.state.get("depth_choice") or {}).get("quant", self.config.quant),  # the registered plan's
+            quant=self.train_quant,
             lora_r=int(lora["r"]), lora_alpha=int(alpha) if alpha.is_integer() else alpha,
             lora_targets=tuple(lora["targets"]), seed=self.config.seed,
             warmup_steps=min(5, steps // 4), eval_fraction=0.0, checkpoint_every=1,
