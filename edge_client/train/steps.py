@@ -6,7 +6,9 @@ is weighted by its share of the step's response tokens, so the step loss is one 
 Batches (`micro_batches`): seeded per-epoch shuffles (`batch_indices`), re-cut by length when `grouped`
 (`grouped_batch_indices`), so right-padding, which every layer would compute on, stays small.
 Loss (`trained_position_loss`): the vocabulary projection (hidden × V, the largest matmul of a small model) only at
-positions whose next token is trained, instead of `model(...).loss` over every position.
+positions whose next token is trained, instead of `model(...).loss` over every position. It pays: on Alpaca about
+half the tokens are prompt; SmolLM2-135M bf16 at depth 10, batch 4: 10.66 vs 11.72 CPU s per step (-9%; about -5%
+at depth 30, seq 160, docs/architecture.md).
 """
 
 from __future__ import annotations
