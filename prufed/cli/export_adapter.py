@@ -39,6 +39,8 @@ def register(subparsers) -> None:
                         help="a global adapter file (prufed-adapter/1 safetensors, ORIGINAL layer keys)")
     parser.add_argument("--version", type=int, default=None, metavar="N", help="with --db: global version (default: the latest)")
     parser.add_argument("--blob-dir", default=None, metavar="DIR", help="with --db: blob directory (non-SQLite databases)")
+    parser.add_argument("--blob-store", choices=("dir", "db"), default="dir",
+                        help="with --db: where the aggregator keeps blobs, as given to `aggregator serve`")
     parser.add_argument("--model", default=None, metavar="M",
                         help=f"the UNPRUNED base model (alias or HF directory), or a `prufed prune` output; default: "
                         f"{DEFAULT_MODEL} when its fingerprint is the one the adapter was trained on")
@@ -59,18 +61,18 @@ def export_command(db: str, version: int, out: str | None = None) -> str:
     return f"prufed export-adapter --db {db} --version {version} --out {out or f'runs/adapter-v{version}'}"
 
 
-def read_global_from_db(url: str, blob_dir: str | None, version: int | None):
+def read_global_from_db(url: str, blob_dir: str | None, version: int | None, blob_store: str = "dir"):
     """Global `version` (None = latest) through the aggregator's read API: its status names each version's blob.
 
     The one place the CLI reads a global out of an aggregator database.
     """
-    from aggregator.rounds import read_status
-    from aggregator.store import Store
+    from aggregator.federation import read_status
+    from aggregator.state import Store
     from edge_client.global_adapter import GlobalAdapter, read_global_file
 
     if url.startswith("sqlite:///") and not Path(url[len("sqlite:///"):]).expanduser().is_file():
         raise ConfigError("--db", f"{url[len('sqlite:///'):]}: no such database file")
-    store = Store(url, blob_dir)
+    store = Store(url, blob_dir, blob_store)
     try:
         status = read_status(store)
         blobs = {int(r["metrics"]["global_version"]): r["metrics"]["sha256"] for r in status["rounds"]
@@ -84,7 +86,8 @@ def read_global_from_db(url: str, blob_dir: str | None, version: int | None):
         if version not in blobs:
             raise ConfigError("--version", f"the database holds global versions 1..{latest}, not {version}"
                               if latest else "the federation has closed no round yet: no global to export")
-        adapter = read_global_file(store.blobs.path(blobs[version]), "--db")
+        with store.blobs.local_path(blobs[version]) as path:  # a file either way: the dir store or the db store
+            adapter = read_global_file(path, "--db")
         return GlobalAdapter(adapter.tensors, adapter.meta, f"global version {version} of {url}")
     finally:
         store.dispose()
@@ -113,7 +116,7 @@ def cmd_export_adapter(args: argparse.Namespace) -> int:
 
     with step_progress("reading global adapter") as stage:
         if args.db is not None:
-            adapter, flag = read_global_from_db(args.db, args.blob_dir, args.version), "--db"
+            adapter, flag = read_global_from_db(args.db, args.blob_dir, args.version, args.blob_store), "--db"
         else:
             adapter, flag = read_global_file(args.global_file, "--global"), "--global"
         model = args.model if args.model is not None else _default_base(adapter.meta.base_model)

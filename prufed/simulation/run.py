@@ -193,7 +193,7 @@ def write_shards(config: SimulationConfig, train: Sequence, out: Path) -> list[C
 def agent_args(config: SimulationConfig, spec: ClientSpec, address: str, token: str, model: str, name: str) -> list[str]:
     """The `prufed edge run ...` arguments of one client: its depth (or profile, planned by the agent itself
     through edge_client.planning, like `prufed plan`) and the federation's settings."""
-    args = ["edge", "run", "--aggregator", address, "--token", token, "--data", str(spec.data_path),
+    args = ["edge", "run", "--aggregator", address, f"--token={token}", "--data", str(spec.data_path),
             "--strategy", config.strategy, "--state-dir", str(spec.state_dir), "--quant", config.quant,
             "--model", model, "--seed", str(config.seed + spec.index), "--name", f"{name}-client-{spec.index}",
             "--retry-attempts", "20", "--eval-examples", str(config.eval_examples), *spec.args]
@@ -345,7 +345,7 @@ def run_federation(name: str, config: SimulationConfig, model: str, clients: Seq
     from aggregator.state import Store
 
     out.mkdir(parents=True, exist_ok=True)
-    token = secrets.token_urlsafe(18)
+    token = secrets.token_urlsafe(18)  # may start with "-": passed as --flag=value so argparse never reads a flag
     fed_yaml = aggregator_yaml(config, len(clients), mode)
     (out / "aggregator.yaml").write_text(yaml.safe_dump(fed_yaml))
     db_path = out / "agg.db"
@@ -368,7 +368,7 @@ def run_federation(name: str, config: SimulationConfig, model: str, clients: Seq
     run = FederationRun(name)
     started = time.perf_counter()
     serve = [sys.executable, "-m", "prufed", "aggregator", "serve", "--db", db_url, "--model", model, "--config",
-             str(out / "aggregator.yaml"), "--enroll-token", token, "--blob-store", config.blob_store,
+             str(out / "aggregator.yaml"), f"--enroll-token={token}", "--blob-store", config.blob_store,
              *(["--blob-dir", str(blob_dir)] if blob_dir else [])]
     replicas = ReplicaSet(children, serve, [(free_port(), free_port()) for _ in range(config.replicas)], out,
                           chaos=config.chaos, seed=config.seed)
