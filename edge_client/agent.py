@@ -165,6 +165,24 @@ def rotate(examples: list, round_id: int, used_per_round: int) -> list:
     return examples[offset:] + examples[:offset]
 
 
+def task_train_config(config: AgentConfig, kept_layers, hyper: dict, lora: dict, *, checkpoint_every: int = 1):
+    """The local run a task asks for: the server's hyper-parameters (max_steps, lr, batch_size, seq_len) and LoRA
+    settings (r, alpha, targets) on this device's kept layers; warm-up = a quarter of the steps (at most 5), no
+    held-out split (the server evaluates). Shared by the agent and the Flower ClientApp, so both train alike."""
+    from edge_client.train import TrainConfig
+
+    alpha = float(lora["alpha"])
+    steps = int(hyper.get("max_steps") or 1)
+    return TrainConfig(
+        model=config.model or TrainConfig.model, kept_layers=tuple(kept_layers), max_steps=steps,
+        batch_size=int(hyper.get("batch_size") or 1), lr=float(hyper.get("lr") or 2e-4),
+        seq_len=int(hyper.get("seq_len") or 256), lora_r=int(lora["r"]),
+        lora_alpha=int(alpha) if alpha.is_integer() else alpha, lora_targets=tuple(lora["targets"]),
+        quant=config.quant, seed=config.seed, warmup_steps=min(5, steps // 4), eval_fraction=0.0,
+        checkpoint_every=checkpoint_every, gradient_checkpointing=config.gradient_checkpointing,
+        verbose=config.verbose)
+
+
 # ---- the agent --------------------------------------------------------------------------------------------------
 class Agent:
     def __init__(self, config: AgentConfig, *, stop: threading.Event | None = None,
@@ -248,22 +266,14 @@ class Agent:
         self._log(f"round {task.round}: downloaded global v{version} slice ({size} bytes)")
 
     def train(self) -> None:
-        from edge_client.train import TrainConfig, train_local
+        from edge_client.train import train_local
 
         round_id = self.state["round"]
-        hp, lora = self.state.get("training") or {}, self.state["federation"]["lora"]
-        alpha = float(lora["alpha"])
         if self._examples is None:
             self._examples = load_private_examples(self.config)
-        batch = int(hp.get("batch_size") or 1)
-        steps = int(hp.get("max_steps") or 1)
-        config = TrainConfig(
-            model=self.config.model or TrainConfig.model, kept_layers=self.kept_layers, max_steps=steps,
-            batch_size=batch, lr=float(hp.get("lr") or 2e-4), seq_len=int(hp.get("seq_len") or 256),
-            lora_r=int(lora["r"]), lora_alpha=int(alpha) if alpha.is_integer() else alpha,
-            lora_targets=tuple(lora["targets"]), quant=self.config.quant, seed=self.config.seed,
-            warmup_steps=min(5, steps // 4), eval_fraction=0.0, checkpoint_every=1,
-            gradient_checkpointing=self.config.gradient_checkpointing, verbose=self.config.verbose)
+        config = task_train_config(self.config, self.kept_layers, self.state.get("training") or {},
+                                   self.state["federation"]["lora"])
+        steps, batch = config.max_steps, config.batch_size
 
         def on_step(step: int, loss: float) -> None:
             if self.stop.is_set():  # the step just finished is checkpointed; resume continues from it

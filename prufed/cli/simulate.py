@@ -15,6 +15,7 @@ EPILOG = """examples:
   prufed simulate                                   # 6 clients over depths 30,20,10, 3 rounds -> runs/simulate/
   prufed simulate --profiles jetson-orin-nano-8gb,laptop-cpu-8gb --clients 4 --baseline homogeneous
   prufed simulate --smoke --model path/to/tiny-llama --depths 8,6,4 --out /tmp/sim
+  prufed simulate --engine flower --out runs/simulate-flower   # the same federation on Flower's Ray engine
 """
 
 
@@ -48,6 +49,9 @@ def register(subparsers) -> None:
     parser.add_argument("--data", default=None, help="instruction file with a 'category' per record (default: "
                                                      "built-in KJV demo tasks, category = book)")
     parser.add_argument("--out", default="runs/simulate", help="output directory")
+    parser.add_argument("--engine", default="prufed", choices=("prufed", "flower"),
+                        help="prufed: a real aggregator and agent processes over gRPC; flower: the same federation "
+                             "on Flower's simulation engine (Ray backend, 127.0.0.1 only; needs prufed[flower])")
     parser.add_argument("--baseline", default=None, choices=("homogeneous",),
                         help="also run FedAvg within each depth group on the same data, for comparison")
     parser.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration (smaller = more skewed)")
@@ -110,7 +114,8 @@ def build_config(args):
         raise ConfigError("--timeout", f"must be > 0, got {args.timeout}")
     return SimulationConfig(out=Path(args.out), depths=depths, profiles=profiles, strategy=args.strategy,
                             data=args.data, alpha=args.alpha, lr=args.lr, quant=args.quant, seed=args.seed,
-                            model=args.model, baseline=args.baseline, timeout_s=args.timeout, **sizes)
+                            model=args.model, baseline=args.baseline, timeout_s=args.timeout, engine=args.engine,
+                            **sizes)
 
 
 def simulate_command(args) -> int:

@@ -37,6 +37,7 @@ from edge_client.core.pruning import DEFAULT_STRATEGY
 from prufed.common.errors import ConfigError, PrufedError
 
 REPO = Path(__file__).resolve().parent.parent
+ENGINES = ("prufed", "flower")
 CHILD_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
@@ -65,6 +66,7 @@ class SimulationConfig:
     seed: int = 0
     model: str | None = None
     baseline: str | None = None  #: None | "homogeneous"
+    engine: str = "prufed"  #: "prufed" (aggregator + agent processes) | "flower" (Flower's Ray simulation engine)
     deadline_s: float = 900.0
     timeout_s: float = 3600.0  #: give up (and clean up) after this long
     child_threads: int = 1  #: torch threads per agent process (N agents share the cores)
@@ -94,6 +96,8 @@ class SimulationConfig:
             raise ConfigError("--lr", f"must be > 0, got {self.lr}")
         if self.baseline not in (None, "homogeneous"):
             raise ConfigError("--baseline", f"must be 'homogeneous', got {self.baseline!r}")
+        if self.engine not in ENGINES:
+            raise ConfigError("--engine", f"must be one of {', '.join(ENGINES)}, got {self.engine!r}")
         if self.quant not in ("auto", "nf4", "int8", "bf16", "fp32"):
             raise ConfigError("--quant", f"unknown mode {self.quant!r}")
 
@@ -295,7 +299,7 @@ def run_federation(name: str, config: SimulationConfig, model: str, clients: Seq
     from aggregator.store import Store
 
     out.mkdir(parents=True, exist_ok=True)
-    token = secrets.token_urlsafe(18)
+    token = secrets.token_urlsafe(18)  # may start with "-": passed as --flag=value
     fed_yaml = aggregator_yaml(config, len(clients), mode)
     (out / "aggregator.yaml").write_text(yaml.safe_dump(fed_yaml))
     db_path = out / "agg.db"
@@ -304,7 +308,7 @@ def run_federation(name: str, config: SimulationConfig, model: str, clients: Seq
     # replayed into the new database, so every piece of run state goes (agg.db, -wal, -shm, .blobs).
     for spec in clients:
         spec.state_dir = out / "clients" / str(spec.index) / "state"
-    for stale in (*out.glob(f"{db_path.name}*"), *(spec.state_dir for spec in clients)):
+    for stale in (*out.glob(f"{db_path.name}*"), *(spec.state_dir for spec in clients), out / "globals"):
         if stale.is_dir():
             shutil.rmtree(stale)
         elif stale.exists():
@@ -316,12 +320,12 @@ def run_federation(name: str, config: SimulationConfig, model: str, clients: Seq
     try:
         server = children.spawn([sys.executable, "-m", "prufed", "aggregator", "serve", "--listen", "127.0.0.1:0",
                                  "--db", f"sqlite:///{db_path}", "--model", model, "--config",
-                                 str(out / "aggregator.yaml"), "--enroll-token", token, "--metrics-port",
+                                 str(out / "aggregator.yaml"), f"--enroll-token={token}", "--metrics-port",
                                  str(metrics_port)], out / "aggregator.log")
         address = wait_listening(out / "aggregator.log", server)
         agents = []
         for spec in clients:
-            cmd = [sys.executable, "-m", "prufed", "edge", "run", "--aggregator", address, "--token", token,
+            cmd = [sys.executable, "-m", "prufed", "edge", "run", "--aggregator", address, f"--token={token}",
                    "--data", str(spec.data_path), "--strategy", config.strategy, "--state-dir", str(spec.state_dir),
                    "--quant", config.quant, "--model", model, "--seed", str(config.seed + spec.index),
                    "--name", f"{name}-client-{spec.index}", "--retry-attempts", "20", *spec.args]
@@ -348,14 +352,15 @@ def run_federation(name: str, config: SimulationConfig, model: str, clients: Seq
                     if state:
                         spec.plan = state["plan"]
                 if all(spec.plan is not None for spec in clients) and not run.eval_round0:
-                    run.eval_round0 = _evaluate(evaluator, clients, federation.global_state(0))
+                    run.eval_round0 = _evaluate(evaluator, clients, save_global(out, 0, federation.global_state(0)))
                     if on_row:
                         on_row({"round": 0, "heldout_loss": run.eval_round0})
             status = read_status(store)
             closed = [r for r in status["rounds"] if r["state"] == "closed"]
             while evaluated < len(closed):
                 r = closed[evaluated]
-                losses = _evaluate(evaluator, clients, federation.global_state(r["metrics"]["global_version"]))
+                state = save_global(out, r["round"], federation.global_state(r["metrics"]["global_version"]))
+                losses = _evaluate(evaluator, clients, state)
                 row = round_row(r, clients, losses)
                 run.rows.append(row)
                 evaluated += 1
@@ -381,6 +386,18 @@ def run_federation(name: str, config: SimulationConfig, model: str, clients: Seq
                     "emulation": " ".join(s.args), "num_examples": s.num_examples, "categories": s.categories}
                    for s in clients]
     return run
+
+
+def save_global(out: Path, round_id: int, state: dict) -> dict:
+    """OUT/globals/round-<r>.safetensors: the global adapter after round r (0 = initial), ORIGINAL keys. Returns
+    `state`. Both engines write these, so their runs compare tensor by tensor."""
+    from safetensors.torch import save_file
+
+    from prufed.common.fsio import atomic_path
+
+    with atomic_path(out / "globals" / f"round-{round_id}.safetensors") as tmp:
+        save_file({key: value.contiguous() for key, value in state.items()}, str(tmp))
+    return state
 
 
 def _read_json(path: Path) -> dict | None:
@@ -439,7 +456,10 @@ def simulate(config: SimulationConfig, *, on_row: Callable[[str, dict], None] | 
     evaluator = DepthEvaluator(model, heldout, config.seq_len, {"r": config.lora_r, "alpha": config.lora_alpha,
                                                                  "targets": ["q_proj", "v_proj"]})
     emit = (lambda name: (lambda row: on_row(name, row))) if on_row else (lambda name: None)
-    hetero = run_federation("heteagg", config, model, clients, out, evaluator, on_row=emit("heteagg"))
+    federate = run_federation
+    if config.engine == "flower":
+        from prufed.simulation.flower_engine import run_flower_federation as federate
+    hetero = federate("heteagg", config, model, clients, out, evaluator, on_row=emit("heteagg"))
     baseline: dict[int, FederationRun] = {}
     if config.baseline == "homogeneous":
         groups: dict[int, list[ClientSpec]] = {}
@@ -449,7 +469,7 @@ def simulate(config: SimulationConfig, *, on_row: Callable[[str, dict], None] | 
             copies = [ClientSpec(s.index, ["--depth", str(depth)], s.data_path, s.num_examples, s.categories)
                       for s in members]
             # FedAvg needs 2+ clients to mean anything, but a lone client still gives the "train alone" curve.
-            baseline[depth] = run_federation(f"fedavg-{depth}", config, model, copies,
+            baseline[depth] = federate(f"fedavg-{depth}", config, model, copies,
                                              out / "baseline" / f"depth-{depth}", evaluator, mode="fedavg",
                                              on_row=emit(f"fedavg-{depth}"))
     report = build_report(config, hetero, baseline, time.perf_counter() - started, len(train), len(heldout))
