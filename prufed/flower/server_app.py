@@ -24,7 +24,7 @@ from flwr.serverapp import Grid, ServerApp
 from aggregator.core.heteagg import MODES, WEIGHTINGS, AggregationConfig
 from edge_client.core.pruning import DEFAULT_STRATEGY, STRATEGIES
 from prufed.common.errors import ConfigError
-from prufed.flower.records import to_array_record, to_state
+from prufed.flower.records import to_array_record
 from prufed.flower.strategy import AggregatorFactory, PruFedStrategy
 
 SERVER_DEFAULTS: dict[str, Any] = {
@@ -103,7 +103,7 @@ def initial_adapter(settings: ServerSettings):
     return initial_global_adapter(model_config, lora["r"], lora["alpha"], lora["targets"], settings.seed)
 
 
-def save_outputs(settings: ServerSettings, strategy: PruFedStrategy, arrays: ArrayRecord) -> None:
+def save_outputs(settings: ServerSettings, strategy: PruFedStrategy) -> None:
     """OUTPUT_DIR/global.safetensors (the final global adapter, PEFT-loadable keys) and history.json."""
     from prufed.common.adapter_format import GLOBAL_FORMAT, AdapterMeta, save_adapter
     from prufed.common.adapter_keys import layers_of_keys
@@ -112,7 +112,7 @@ def save_outputs(settings: ServerSettings, strategy: PruFedStrategy, arrays: Arr
 
     out = Path(settings.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    state = to_state(arrays)
+    state = strategy.global_state
     meta = AdapterMeta(GLOBAL_FORMAT, tuple(layers_of_keys(state)), base_model=fingerprint_model_dir(
         resolve_model(settings.model)), round=settings.rounds, lora=settings.lora())
     save_adapter(out / "global.safetensors", state, meta)
@@ -141,10 +141,10 @@ def make_server_app(defaults: Mapping[str, Any] | None = None, *,
             min_train_nodes=settings.min_nodes, min_available_nodes=settings.min_nodes)
         if on_strategy is not None:
             on_strategy(strategy)
-        result = strategy.start(grid=grid, initial_arrays=to_array_record(initial_adapter(settings)),
-                                num_rounds=settings.rounds, timeout=settings.round_timeout,
-                                train_config=ConfigRecord(dict(settings.task)), evaluate_fn=evaluate_fn)
+        strategy.start(grid=grid, initial_arrays=to_array_record(initial_adapter(settings)),
+                       num_rounds=settings.rounds, timeout=settings.round_timeout,
+                       train_config=ConfigRecord(dict(settings.task)), evaluate_fn=evaluate_fn)
         if settings.output_dir:
-            save_outputs(settings, strategy, result.arrays)
+            save_outputs(settings, strategy)
 
     return app

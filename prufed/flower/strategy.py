@@ -34,6 +34,7 @@ from flwr.serverapp.strategy import FedAvg
 
 from aggregator.core.heteagg import AggregationConfig, HeteAggregator
 from aggregator.core.validate import UpdateRejected, validate_update
+from prufed.common.errors import PrufedError
 from prufed.flower.records import (
     ARRAYS,
     CONFIG,
@@ -82,7 +83,7 @@ class PruFedStrategy(FedAvg):
             lambda state: HeteAggregator(state, self.aggregation))
         self.known_layers: dict[int, tuple[int, ...]] = {}
         self.history: list[dict[str, Any]] = []
-        self._global: dict[str, torch.Tensor] = {}
+        self.global_state: dict[str, torch.Tensor] = {}  #: the latest global adapter (ORIGINAL keys)
 
     def summary(self) -> None:
         super().summary()
@@ -92,13 +93,13 @@ class PruFedStrategy(FedAvg):
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
         """Sample like FedAvg; each node gets the global slice of its known kept layers (all layers at first)."""
-        self._global = to_state(arrays)
+        self.global_state = to_state(arrays)
         messages = list(super().configure_train(server_round, arrays, config, grid))
         record = {"round": server_round, "started": time.time(), "bytes_down": {}, "clients": [], "refused": []}
         for message in messages:
             layers = self.known_layers.get(message.metadata.dst_node_id)
             if layers is not None:
-                sliced = to_array_record(slice_state(self._global, layers))
+                sliced = to_array_record(slice_state(self.global_state, layers))
                 message.content = RecordDict({ARRAYS: sliced, CONFIG: message.content[CONFIG]})
             record["bytes_down"][message.metadata.dst_node_id] = message.content[ARRAYS].count_bytes()
         self.history.append(record)
@@ -108,8 +109,10 @@ class PruFedStrategy(FedAvg):
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Validate each reply, fold the valid ones with the aggregation mode, return global' and mean metrics."""
         valid, errors = self._check_and_log_replies(replies, is_train=True, validate=False)
-        record = self.history[-1] if self.history and self.history[-1]["round"] == server_round else {
-            "round": server_round, "started": time.time(), "bytes_down": {}, "clients": [], "refused": []}
+        if not self.history or self.history[-1]["round"] != server_round:  # configure_train was not ours
+            self.history.append({"round": server_round, "started": time.time(), "bytes_down": {}, "clients": [],
+                                 "refused": []})
+        record = self.history[-1]
         record["failed"] = [{"node": m.metadata.src_node_id, "reason": m.error.reason} for m in errors]
         accepted: list[tuple[Message, dict[str, torch.Tensor], tuple[int, ...], int]] = []
         for message in sorted(valid, key=lambda m: m.content[ARRAYS].object_id if ARRAYS in m.content else ""):
@@ -122,14 +125,21 @@ class PruFedStrategy(FedAvg):
                 continue
             self.known_layers[node] = layers
             accepted.append((message, update, layers, examples))
+        aggregator = self.make_aggregator(self.global_state)
+        for entry in list(accepted):
+            message, update, _, examples = entry
+            try:  # the mode's own checks (e.g. fedavg: identical key sets); a refused add changes nothing
+                aggregator.add(update, examples, name=str(message.metadata.src_node_id))
+            except PrufedError as exc:
+                log(WARNING, "aggregate_train: %s mode refused node %d: %s", self.aggregation.mode,
+                    message.metadata.src_node_id, exc)
+                record["refused"].append({"node": message.metadata.src_node_id, "reason": str(exc)})
+                accepted.remove(entry)
         if not accepted:
             record["closed"] = time.time()
             return None, None
-        aggregator = self.make_aggregator(self._global)
-        for message, update, _, examples in accepted:
-            aggregator.add(update, examples, name=str(message.metadata.src_node_id))
         result = aggregator.finish()
-        self._global = {key: value for key, value in result.state.items()}
+        self.global_state = {key: value for key, value in result.state.items()}
         for message, _, layers, examples in accepted:
             metrics = message.content[METRICS]
             prufed = message.content[PRUFED]
@@ -142,7 +152,7 @@ class PruFedStrategy(FedAvg):
         record["report"] = getattr(result, "report", {})
         record["closed"] = time.time()
         metrics = self.train_metrics_aggr_fn([m.content for m, *_ in accepted], self.weighted_by_key)
-        return to_array_record(self._global), metrics
+        return to_array_record(self.global_state), metrics
 
     def _read_reply(self, message: Message) -> tuple[dict[str, torch.Tensor], tuple[int, ...], int]:
         """(Δ, kept layers, num examples) of one reply, checked against the current global."""
@@ -157,6 +167,6 @@ class PruFedStrategy(FedAvg):
         examples = content[METRICS].get(NUM_EXAMPLES)
         update = to_state(content[ARRAYS])
         layers = tuple(layers_value)
-        validate_update(update, kept_layers=layers, global_state=self._global,
+        validate_update(update, kept_layers=layers, global_state=self.global_state,
                         num_examples=examples)
         return update, layers, int(examples)
