@@ -61,7 +61,7 @@ def test_flwr_run_example_completes(tmp_path, tiny_model_dir):
                FLWR_LOCAL_CONTROL_API_PORT=str(control_port), RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
                PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
                PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
-    run_config = (f"model='{tiny_model_dir}' num-server-rounds=2 depths='8,6,4' local-steps=2 seq-len=64 "
+    run_config = (f"model='{tiny_model_dir}' num-server-rounds=2 depths='8,6,4' local-steps=2 seq-len=256 "
                   f"quant='fp32' min-nodes=3 data-dir='{_shards(tmp_path / 'data', 3)}' output-dir='{out}'")
     try:
         proc = subprocess.run(["flwr", "run", "examples/flower", "local", "--stream", "--run-config", run_config,
