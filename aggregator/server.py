@@ -1,7 +1,7 @@
 """The aggregator gRPC server: auth interceptor, TLS/mTLS, health, metrics, JSON logs, and the round ticker.
 
 `create_server(address, store, config, ...) -> (server, port)`; the server holds no federation state of its own
-(see `aggregator.rounds`), so several can share one database.
+(see `aggregator.federation`), so several can share one database.
 """
 
 from __future__ import annotations
@@ -11,26 +11,29 @@ import json
 import logging
 import sys
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 from aggregator.config import AggregatorConfig
-from aggregator.rounds import Federation
-from aggregator.servicer import AggregatorServicer, bearer_token
-from aggregator.store import Store
+from aggregator.dashboard import Dashboard, DashboardConfig, build_snapshot
+from aggregator.federation import Federation
+from aggregator.servicer import AggregatorServicer, bearer_token, refuse
+from aggregator.state import Store
 from prufed.common.errors import ConfigError
+from prufed.common.net import is_loopback_host
+from prufed.common.refusals import RefusalCode, Refused
 from prufed.common.wire import MESSAGE_CAP_BYTES
 from prufed.v1 import aggregator_pb2_grpc as pb_grpc
 
 log = logging.getLogger("prufed.aggregator")
 
 SERVICE_NAME = "prufed.v1.Aggregator"
-LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1", "[::1]"})
 TICK_INTERVAL_S = 0.5
 
 
@@ -71,6 +74,10 @@ def configure_json_logging(level: int = logging.INFO) -> None:
     root.handlers[:] = [handler]
     root.setLevel(level)
     root.propagate = False
+    grpc_log = logging.getLogger("grpc")  # gRPC's own errors (e.g. "Exception calling application") reach the log
+    grpc_log.handlers[:] = [handler]
+    grpc_log.setLevel(logging.WARNING)
+    grpc_log.propagate = False
 
 
 class Metrics:
@@ -83,8 +90,15 @@ class Metrics:
         self.upload_bytes = Counter("prufed_upload_bytes_total", "Bytes of accepted updates", registry=self.registry)
         self.download_bytes = Counter("prufed_download_bytes_total", "Bytes of global slices served",
                                       registry=self.registry)
+        self.refusals = Counter("prufed_refusals_total", "Refused calls of every RPC by method and refusal code",
+                                ["method", "code"], registry=self.registry)
         self.round_seconds = Histogram("prufed_round_duration_seconds", "Round open-to-close wall time",
                                        buckets=(1, 5, 15, 60, 300, 900, 3600, float("inf")), registry=self.registry)
+        self.eval_loss = Gauge("prufed_federated_eval_loss", "Federated evaluation of the last closed round's base "
+                               "global: example-weighted mean client held-out loss (nats/token) per depth",
+                               ["depth"], registry=self.registry)
+        self.eval_examples = Gauge("prufed_federated_eval_examples", "Held-out examples behind "
+                                   "prufed_federated_eval_loss, per depth", ["depth"], registry=self.registry)
 
     def upload_accepted(self, size: int, duplicate: bool) -> None:
         self.uploads.labels("duplicate" if duplicate else "accepted", "").inc()
@@ -94,11 +108,17 @@ class Metrics:
     def upload_rejected(self, code: str) -> None:
         self.uploads.labels("rejected", code).inc()
 
+    def refused(self, method: str, code: str) -> None:
+        self.refusals.labels(method, code).inc()
+
     def downloaded(self, size: int) -> None:
         self.download_bytes.inc(size)
 
     def round_closed(self, _round_id: int, metrics: dict) -> None:
         self.round_seconds.observe(float(metrics.get("duration_s", 0.0)))
+        for depth, entry in metrics.get("eval", {}).items():
+            self.eval_loss.labels(str(depth)).set(float(entry["loss"]))
+            self.eval_examples.labels(str(depth)).set(int(entry["examples"]))
 
 
 class AuthInterceptor(grpc.ServerInterceptor):
@@ -107,9 +127,10 @@ class AuthInterceptor(grpc.ServerInterceptor):
     Status also accepts an enrolment token (operators). Health checks are open.
     """
 
-    def __init__(self, federation: Federation, enroll_tokens: Sequence[str]):
+    def __init__(self, federation: Federation, enroll_tokens: Sequence[str], metrics: Metrics):
         self.fed = federation
         self.enroll_tokens = tuple(enroll_tokens)
+        self.metrics = metrics
 
     def _is_enroll(self, token: str) -> bool:
         return any(hmac.compare_digest(token.encode(), t.encode()) for t in self.enroll_tokens)
@@ -127,22 +148,22 @@ class AuthInterceptor(grpc.ServerInterceptor):
         elif name == "Status" and self._is_enroll(token):
             problem = None
         else:
-            problem = None if self.fed.authenticate(token) else "bearer token is not valid for any client"
+            problem = None if self.fed.clients.authenticate(token) else "bearer token is not valid for any client"
         handler = continuation(handler_call_details)
         if problem is None or handler is None:
             return handler
-        log.info("unauthenticated call", extra={"method": name, "reason": problem})
-        return _abort_handler(handler, grpc.StatusCode.UNAUTHENTICATED, f"{name}: {problem}")
+        return _refusing_handler(handler, self.metrics, name, Refused(RefusalCode.UNAUTHENTICATED, f"{name}: {problem}"))
 
 
-def _abort_handler(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, details: str) -> grpc.RpcMethodHandler:
-    """A handler of the same streaming shape that refuses the call."""
+def _refusing_handler(handler: grpc.RpcMethodHandler, metrics: Metrics, method: str,
+                      error: Refused) -> grpc.RpcMethodHandler:
+    """A handler of the same streaming shape that refuses the call through the servicer's one error path."""
 
     def unary(request, context):
-        context.abort(code, details)
+        refuse(context, metrics, method, error)
 
     def streaming(request, context):
-        context.abort(code, details)
+        refuse(context, metrics, method, error)
         yield  # pragma: no cover - makes this a generator, as the stream-response shapes require
 
     kwargs = dict(request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer)
@@ -162,10 +183,6 @@ def split_address(address: str) -> tuple[str, int]:
     return host, int(port)
 
 
-def is_loopback(host: str) -> bool:
-    return host in LOOPBACK_HOSTS or host.startswith("127.")
-
-
 class AggregatorServer:
     """A started gRPC server plus its round ticker; `stop()` ends both."""
 
@@ -173,6 +190,8 @@ class AggregatorServer:
         self.grpc = grpc_server
         self.federation = federation
         self.metrics = metrics
+        self.dashboard: Dashboard | None = None
+        self._next_sweep = 0.0
         self._wake = threading.Event()
         self._stopped = threading.Event()
         self._ticker = threading.Thread(target=self._tick_loop, name="round-ticker", daemon=True)
@@ -188,6 +207,9 @@ class AggregatorServer:
         while not self._stopped.is_set():
             try:
                 self.federation.tick()
+                if time.monotonic() >= self._next_sweep:
+                    self._next_sweep = time.monotonic() + self.federation.config.blob_sweep_interval_s
+                    self.federation.sweep_blobs()
             except Exception:  # a DB hiccup must not kill the ticker; the next tick retries
                 log.exception("round tick failed")
             self._wake.wait(TICK_INTERVAL_S)
@@ -197,22 +219,43 @@ class AggregatorServer:
         self._stopped.set()
         self._wake.set()
         self.grpc.stop(grace).wait()
+        if self.dashboard is not None:
+            self.dashboard.stop()
         self._ticker.join(timeout=30)
 
     def wait_for_termination(self, timeout: float | None = None) -> bool:
         return self.grpc.wait_for_termination(timeout)
 
 
+def server_options(config: AggregatorConfig) -> list[tuple[str, int]]:
+    """gRPC channel arguments: message caps, keepalive and connection age (docs/deployment.md explains each)."""
+    def ms(seconds: float) -> int:
+        return int(seconds * 1000)
+
+    return [("grpc.max_receive_message_length", MESSAGE_CAP_BYTES),
+            ("grpc.max_send_message_length", MESSAGE_CAP_BYTES),
+            ("grpc.so_reuseport", 0),
+            ("grpc.keepalive_time_ms", ms(config.keepalive_time_s)),
+            ("grpc.keepalive_timeout_ms", ms(config.keepalive_timeout_s)),
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.min_ping_interval_without_data_ms", 10_000),  # clients may ping every 10 s, not faster
+            ("grpc.http2.max_ping_strikes", 2),
+            ("grpc.max_connection_idle_ms", ms(config.max_connection_idle_s)),
+            ("grpc.max_connection_age_ms", ms(config.max_connection_age_s)),
+            ("grpc.max_connection_age_grace_ms", ms(config.upload_deadline_s))]
+
+
 def create_server(address: str, store: Store, config: AggregatorConfig, tls: TLSConfig | None = None, *,
                   enroll_tokens: Sequence[str] = (), insecure: bool = False, model_dir: Path | None = None,
-                  metrics_port: int | None = None, max_workers: int = 64) -> tuple[AggregatorServer, int]:
+                  metrics_port: int | None = None,
+                  dashboard: DashboardConfig | None = None) -> tuple[AggregatorServer, int]:
     """Build, bind and start the server; returns it and the bound port (useful with port 0).
 
     Without TLS only loopback addresses are allowed unless `insecure`. With `model_dir`, the federation is
     initialised (global version 0 written) first.
     """
     host, _port = split_address(address)
-    if tls is None and not insecure and not is_loopback(host):
+    if tls is None and not insecure and not is_loopback_host(host):
         raise ConfigError("--listen", f"refusing to serve {host} without TLS; give --tls-cert/--tls-key or --insecure")
     if not enroll_tokens:
         raise ConfigError("--enroll-token", "Register must be gated: give --enroll-token or --tokens-file")
@@ -220,16 +263,19 @@ def create_server(address: str, store: Store, config: AggregatorConfig, tls: TLS
     if model_dir is not None:
         federation.initialize(model_dir)
     metrics = Metrics()
-    federation.on_round_closed = metrics.round_closed
-    options = [("grpc.max_receive_message_length", MESSAGE_CAP_BYTES),
-               ("grpc.max_send_message_length", MESSAGE_CAP_BYTES),
-               ("grpc.so_reuseport", 0)]
+    federation.rounds.on_round_closed = metrics.round_closed
     from concurrent.futures import ThreadPoolExecutor
 
-    grpc_server = grpc.server(ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="rpc"),
-                              interceptors=[AuthInterceptor(federation, enroll_tokens)], options=options)
+    # uploads hold a pool thread each and are capped at max_concurrent_uploads, so control_workers threads stay
+    # free for PullTask / Health / Register / DownloadGlobal however many uploads are open
+    workers = config.max_concurrent_uploads + config.control_workers
+    grpc_server = grpc.server(ThreadPoolExecutor(max_workers=workers, thread_name_prefix="rpc"),
+                              interceptors=[AuthInterceptor(federation, enroll_tokens, metrics)],
+                              options=server_options(config))
     server = AggregatorServer(grpc_server, federation, metrics)
-    pb_grpc.add_AggregatorServicer_to_server(AggregatorServicer(federation, config, metrics, server.wake), grpc_server)
+    mtls = tls is not None and tls.client_ca_file is not None
+    servicer = AggregatorServicer(federation, config, metrics, server.wake, mtls=mtls)
+    pb_grpc.add_AggregatorServicer_to_server(servicer, grpc_server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, grpc_server)
     port = grpc_server.add_secure_port(address, tls.credentials()) if tls else grpc_server.add_insecure_port(address)
@@ -238,6 +284,8 @@ def create_server(address: str, store: Store, config: AggregatorConfig, tls: TLS
     if metrics_port is not None:
         start_http_server(metrics_port, registry=metrics.registry)
     server.start()
+    if dashboard is not None:
+        server.dashboard = Dashboard(dashboard, lambda: build_snapshot(federation.status(), metrics.registry)).start()
     for service in ("", SERVICE_NAME):
         health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
     return server, port

@@ -18,8 +18,10 @@ An upload refused because the round closed (FAILED_PRECONDITION) or the client i
 (PERMISSION_DENIED) discards the update. Re-sending bytes the server already accepted returns its original
 receipt (the server is idempotent per client and round), so a kill between upload and persist costs no duplicate.
 
-The only payload that leaves the device is the update file (LoRA deltas of the kept layers); the local data set is
-read here and never sent. SIGTERM/SIGINT: the current RPC finishes, a training run stops after its current step
+The only payload that leaves the device is the update file (LoRA deltas of the kept layers), plus two numbers of
+federated evaluation (edge_client/federated_eval.py: the held-out loss of the downloaded global and how many
+held-out examples were scored, computed before training); the local data set is read here and never sent.
+SIGTERM/SIGINT: the current RPC finishes, a training run stops after its current step
 (already checkpointed), the state is persisted and `run()` returns 0.
 """
 
@@ -36,7 +38,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from edge_client.backoff import BackoffPolicy
@@ -80,6 +82,7 @@ class AgentConfig:
     gradient_checkpointing: bool = True
     backoff: BackoffPolicy = field(default_factory=BackoffPolicy)
     max_wait_s: float = 30.0  #: cap on a WAIT's retry_after (s)
+    eval_examples: int = 16  #: local examples held out to score each downloaded global (0: no federated evaluation)
     verbose: bool = False
 
 
@@ -111,40 +114,29 @@ def fault_point(name: str, round_id: int) -> None:
 # ---- planning ---------------------------------------------------------------------------------------------------
 def hardware_spec(config: AgentConfig):
     """The device as the planner sees it: an emulated profile / budget, or this machine's probe."""
-    from edge_client.core.hardware import GIB, spec_from_profile
+    from edge_client.planning import device_spec
 
-    if config.profile is not None:
-        from edge_client.hardware_profiles import get_profile
-
-        spec = spec_from_profile(get_profile(config.profile))
-    else:
-        from edge_client.profiling import profile_device
-
-        spec = profile_device()
-    if config.budget_gib is not None:
-        spec = replace(spec, available_memory_bytes=int(config.budget_gib * GIB), budget_fraction=1.0,
-                       source=f"budget:{config.budget_gib}GiB")
-    return spec
+    return device_spec(config.profile, config.budget_gib)
 
 
 def plan_layers(config: AgentConfig, spec) -> tuple[PruningPlan, dict]:
-    """The pruning plan: --depth N, or the deepest depth whose predicted training memory fits the budget."""
+    """The pruning plan and precision (`edge_client.planning`, the planner `prufed plan` and `prufed train` use):
+    --depth N, or the deepest depth whose predicted training memory fits the budget. The federation's training
+    hyper-parameters arrive after registration, so the plan assumes `prufed plan`'s defaults (seq 256, batch 1,
+    LoRA r=8 on q,v)."""
+    from edge_client.core.memory import TrainingSetup
     from edge_client.layer_scores import plan_for_model, source_model_dir
+    from edge_client.model import check_quant_available
+    from edge_client.planning import budget_label, plan_training
     from prufed.common.models import read_model_config
 
     model_dir = source_model_dir(config.model)
-    if config.depth == "auto":
-        from edge_client.core.memory import TrainingSetup, choose_depth
-        from edge_client.model import resolve_quant
-
-        quant = spec.default_quant if config.quant == "auto" else resolve_quant(config.quant)
-        setup = TrainingSetup(quant=quant, gradient_checkpointing=config.gradient_checkpointing,
-                              accelerator=spec.accelerator)
-        depth = choose_depth(read_model_config(model_dir), spec.budget_bytes, setup)
-        choice = {"mode": "auto", "budget_bytes": spec.budget_bytes, "quant": quant}
-    else:
-        depth, choice = int(config.depth), {"mode": "fixed"}
-    return plan_for_model(config.model, config.strategy, depth, config.protect), choice
+    planned = plan_training(read_model_config(model_dir), spec,
+                            TrainingSetup(gradient_checkpointing=config.gradient_checkpointing),
+                            quant=config.quant, depth=config.depth, budget_source=budget_label(config.profile, config.budget_gib))
+    check_quant_available(planned.quant)
+    choice = planned.choice("auto" if config.depth == "auto" else "fixed")
+    return plan_for_model(config.model, config.strategy, planned.depth, config.protect), choice
 
 
 def load_private_examples(config: AgentConfig) -> list:
@@ -165,10 +157,12 @@ def rotate(examples: list, round_id: int, used_per_round: int) -> list:
     return examples[offset:] + examples[:offset]
 
 
-def task_train_config(config: AgentConfig, kept_layers, hyper: dict, lora: dict, *, checkpoint_every: int = 1):
+def task_train_config(config: AgentConfig, kept_layers, hyper: dict, lora: dict, *, quant: str,
+                      checkpoint_every: int = 1):
     """The local run a task asks for: the server's hyper-parameters (max_steps, lr, batch_size, seq_len) and LoRA
-    settings (r, alpha, targets) on this device's kept layers; warm-up = a quarter of the steps (at most 5), no
-    held-out split (the server evaluates). Shared by the agent and the Flower ClientApp, so both train alike."""
+    settings (r, alpha, targets) on this device's kept layers, in the plan's precision `quant`; warm-up = a quarter
+    of the steps (at most 5), no held-out split here (federated evaluation holds its examples out before).
+    Shared by the agent and the Flower ClientApp, so both train alike."""
     from edge_client.train import TrainConfig
 
     alpha = float(lora["alpha"])
@@ -178,7 +172,7 @@ def task_train_config(config: AgentConfig, kept_layers, hyper: dict, lora: dict,
         batch_size=int(hyper.get("batch_size") or 1), lr=float(hyper.get("lr") or 2e-4),
         seq_len=int(hyper.get("seq_len") or 256), lora_r=int(lora["r"]),
         lora_alpha=int(alpha) if alpha.is_integer() else alpha, lora_targets=tuple(lora["targets"]),
-        quant=config.quant, seed=config.seed, warmup_steps=min(5, steps // 4), eval_fraction=0.0,
+        quant=quant, seed=config.seed, warmup_steps=min(5, steps // 4), eval_fraction=0.0,
         checkpoint_every=checkpoint_every, gradient_checkpointing=config.gradient_checkpointing,
         verbose=config.verbose)
 
@@ -195,6 +189,7 @@ class Agent:
         self.state: dict = {}
         self.client = None
         self._examples: list | None = None
+        self._heldout: list = []
 
     # -- helpers --
     def persist(self, **changes) -> None:
@@ -265,14 +260,45 @@ class Agent:
                                             "download_s": round(time.perf_counter() - started, 4)})
         self._log(f"round {task.round}: downloaded global v{version} slice ({size} bytes)")
 
+    def load_examples(self) -> None:
+        """The private examples, split once into training and federated-evaluation parts (never re-mixed)."""
+        if self._examples is None:
+            from edge_client.federated_eval import heldout_split
+
+            self._examples, self._heldout = heldout_split(load_private_examples(self.config),
+                                                          self.config.eval_examples, self.config.seed)
+
+    def evaluate(self) -> None:
+        """Federated evaluation of the downloaded global before training; only (loss, examples) leave the device."""
+        from edge_client.federated_eval import score_global
+        from prufed.common.adapter_format import load_adapter
+
+        current = dict(self.state.get("current") or {})
+        if "eval" in current:
+            return  # already scored before a restart
+        self.load_examples()
+        result = None
+        if self._heldout:
+            hp = self.state.get("training") or {}
+            result = score_global(self.config.model, PruningPlan.from_json_dict(self.state["plan"]),
+                                  load_adapter(self.round_dir(self.state["round"]) / GLOBAL_FILE)[0], self._heldout,
+                                  seq_len=int(hp.get("seq_len") or 256), lora=self.state["federation"]["lora"],
+                                  quant=self.config.quant)
+        self.persist(current=dict(current, eval=result.to_json_dict() if result else None))
+        if result:
+            self._log(f"round {self.state['round']}: federated eval of global v{self.state['global_version']}: "
+                      f"loss {result.loss:.4f} on {result.examples} held-out examples")
+
     def train(self) -> None:
         from edge_client.train import train_local
 
+        self.evaluate()
         round_id = self.state["round"]
-        if self._examples is None:
-            self._examples = load_private_examples(self.config)
+        self.load_examples()
+        assert self._examples is not None
         config = task_train_config(self.config, self.kept_layers, self.state.get("training") or {},
-                                   self.state["federation"]["lora"])
+                                   self.state["federation"]["lora"],
+                                   quant=(self.state.get("depth_choice") or {}).get("quant", self.config.quant))
         steps, batch = config.max_steps, config.batch_size
 
         def on_step(step: int, loss: float) -> None:
@@ -303,8 +329,10 @@ class Agent:
         path = Path(current["update_path"])
         started = time.perf_counter()
         try:
+            scored = current.get("eval")
             receipt = self.retry("UploadUpdate", lambda: self.client.upload_update(
-                path, round_id, int(current["num_examples"]), self.kept_layers))
+                path, round_id, int(current["num_examples"]), self.kept_layers,
+                eval=(scored["loss"], scored["examples"]) if scored else None))
         except FatalError as exc:
             if exc.code.name not in DISCARD_CODES:
                 raise

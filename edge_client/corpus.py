@@ -53,11 +53,6 @@ def kjv_verses() -> tuple[Verse, ...]:
     return tuple(Verse(row["book"], int(row["chapter"]), int(row["verse"]), row["text"].strip()) for row in rows)
 
 
-def books() -> tuple[str, ...]:
-    """Book names in canonical order (66)."""
-    return tuple(dict.fromkeys(verse.book for verse in kjv_verses()))
-
-
 def split_of(book: str, chapter: int) -> str:
     """Deterministic split of a chapter: hash bucket 0-4 -> calib, 5-14 -> heldout, else train (of 100)."""
     bucket = int(hashlib.sha256(f"{book}|{chapter}".encode()).hexdigest(), 16) % 100

@@ -8,23 +8,25 @@ Pruning a HF LLaMA-family model must fix, or a saved model reloads with silently
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from edge_client.core.memory import QUANT_MODES
 from edge_client.core.pruning import PruningPlan
 from prufed.common.errors import ConfigError, ModelError
 from prufed.common.models import cache_root, check_model_dir, fingerprint_model_dir, resolve_model
 
 PRUNING_FILE = "pruning.json"
-QUANT_MODES = ("nf4", "int8", "bf16", "fp32")
 DEFAULT_LORA_TARGETS = ("q_proj", "v_proj")
 
 # On AVX512-BF16 CPUs bitsandbytes tries to fetch a fused NF4 kernel from the Hugging Face hub (`kernels`) and
@@ -133,24 +135,105 @@ def materialize_pruned(model_spec: str | None, plan: PruningPlan) -> Path:
     return target
 
 
-def bitsandbytes_available() -> bool:
-    """True when bitsandbytes imports and can run 4-bit kernels here (0.50.2 supports the CPU too)."""
+@dataclass(frozen=True)
+class ProbeResult:
+    """Whether a precision was TRIED and worked on this device, and a one-line account of the try."""
+
+    ok: bool
+    device: str  #: "cuda" or "cpu": where training would run it (the device `load_model_dir` picks)
+    detail: str
+    native: bool | None = None  #: bf16 only: the hardware multiplies bf16 (else torch emulates it through fp32)
+
+
+def training_device() -> str:
+    """Where `load_model_dir` puts a model, so where the probes must try their kernels."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    """‖got − want‖ / ‖want‖ in float32."""
+    got, want = got.detach().float().cpu(), want.detach().float().cpu()
+    return float((got - want).norm() / want.norm().clamp_min(1e-12))
+
+
+@functools.cache
+def probe_bnb_4bit() -> ProbeResult:
+    """Try what NF4 training does, on a 64x32 layer: quantize (double quant), forward and backward to the input.
+
+    The forward must equal x·dequant(W)ᵀ (the kernel, not the quantization, is under test) within 1e-2 relative
+    error, and the input gradient must be finite. Compute dtype as in `load_model_dir`: bf16 on CUDA, fp32 on CPU.
+    """
+    device = training_device()
     try:
-        import bitsandbytes  # noqa: F401
-    except Exception:  # a broken CUDA setup raises RuntimeError at import
-        return False
-    return True
+        import bitsandbytes as bnb
+    except Exception as exc:  # a broken CUDA setup raises RuntimeError at import
+        return ProbeResult(False, device, f"bitsandbytes does not import: {type(exc).__name__}: {exc}".splitlines()[0])
+    compute = torch.bfloat16 if device == "cuda" else torch.float32
+    try:
+        generator = torch.Generator().manual_seed(0)
+        weight = torch.randn(32, 64, generator=generator)
+        layer = bnb.nn.Linear4bit(64, 32, bias=False, compute_dtype=compute, compress_statistics=True,
+                                  quant_type="nf4")
+        layer.weight = bnb.nn.Params4bit(weight, requires_grad=False, quant_type="nf4", compress_statistics=True)
+        layer = layer.to(device)
+        x = torch.randn(4, 64, generator=generator).to(device=device, dtype=compute).requires_grad_(True)
+        y = layer(x)
+        y.float().sum().backward()
+        dequant = bnb.functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state).to(compute)
+        error = _relative_error(y, x.detach() @ dequant.t())
+    except Exception as exc:
+        return ProbeResult(False, device, f"NF4 layer failed on {device}: {type(exc).__name__}: {exc}".splitlines()[0])
+    if not (error < 1e-2 and x.grad is not None and bool(torch.isfinite(x.grad).all())):
+        return ProbeResult(False, device, f"NF4 layer on {device} gave wrong results (relative error {error:.2g})")
+    return ProbeResult(True, device, f"NF4 Linear4bit forward+backward on {device}, relative error {error:.1g} "
+                                     f"vs the dequantized weight (bitsandbytes {bnb.__version__})")
 
 
-def resolve_quant(requested: str) -> str:
-    """`auto` -> nf4 when bitsandbytes works, else fp32; an explicit mode is checked."""
-    if requested == "auto":
-        return "nf4" if bitsandbytes_available() else "fp32"
-    if requested not in QUANT_MODES:
-        raise ConfigError("--quant", f"must be auto or one of {', '.join(QUANT_MODES)}, got {requested!r}")
-    if requested in ("nf4", "int8") and not bitsandbytes_available():
-        raise ConfigError("--quant", f"{requested} needs bitsandbytes, which is not importable here")
-    return requested
+def bitsandbytes_available() -> bool:
+    """True when bitsandbytes' 4-bit kernels ran correctly here (`probe_bnb_4bit`; 0.50.2 supports the CPU too)."""
+    return probe_bnb_4bit().ok
+
+
+def native_bf16(device: str) -> bool:
+    """The hardware multiplies bf16: CUDA compute capability >= 8.0 (Ampere, Jetson Orin), or a CPU with
+    AVX512-BF16 or AMX-BF16. Elsewhere bf16 works but is emulated through fp32, slower than fp32 itself."""
+    if device == "cuda":
+        return bool(torch.cuda.is_bf16_supported(including_emulation=False))
+    capability = torch._C._cpu._get_cpu_capability()  # torch's cpuinfo flags, the ones its kernels dispatch on
+    return bool(capability.get("avx512_bf16") or capability.get("amx_bf16"))
+
+
+@functools.cache
+def probe_bf16() -> ProbeResult:
+    """Try what bf16 training does: a bf16 matmul forward and backward on the training device, within 2e-2 of fp32
+    (bf16 keeps 8 significant bits); `native` says whether the hardware does it or torch emulates it."""
+    device = training_device()
+    try:
+        generator = torch.Generator().manual_seed(0)
+        a32, b32 = torch.randn(16, 64, generator=generator), torch.randn(64, 16, generator=generator)
+        a = a32.to(device=device, dtype=torch.bfloat16).requires_grad_(True)
+        out = a @ b32.to(device=device, dtype=torch.bfloat16)
+        out.float().sum().backward()
+        error = _relative_error(out, a32 @ b32)
+    except Exception as exc:
+        return ProbeResult(False, device, f"bf16 matmul failed on {device}: {type(exc).__name__}: {exc}".splitlines()[0])
+    native = native_bf16(device)
+    if not (error < 2e-2 and a.grad is not None and bool(torch.isfinite(a.grad.float()).all())):
+        return ProbeResult(False, device, f"bf16 matmul on {device} gave wrong results (relative error {error:.2g})",
+                           native)
+    how = "in hardware" if native else "emulated through fp32 (slower than fp32)"
+    return ProbeResult(True, device, f"bf16 matmul forward+backward on {device}, relative error {error:.1g}; {how}",
+                       native)
+
+
+def check_quant_available(quant: str) -> str:
+    """`quant` itself when this machine can load it (nf4/int8 need bitsandbytes); `auto` is resolved by
+    `edge_client.planning` before a model is loaded."""
+    if quant not in QUANT_MODES:
+        raise ConfigError("--quant", f"must be one of {', '.join(QUANT_MODES)}, got {quant!r}")
+    if quant in ("nf4", "int8") and not bitsandbytes_available():
+        raise ConfigError("--quant", f"{quant} needs bitsandbytes, which is not importable here")
+    return quant
 
 
 def load_model_dir(model_dir: Path, quant: str = "fp32"):

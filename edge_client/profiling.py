@@ -99,6 +99,21 @@ def probe_jetson(root: str | os.PathLike[str] = "/") -> JetsonInfo | None:
     return JetsonInfo(model=model, l4t_release=parse_tegra_release(release_text) if release_text else None)
 
 
+NATIVE_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
+
+
+def cpu_has_native_bf16(root: str | os.PathLike[str] = "/") -> bool:
+    """True when the CPU multiplies bf16 in hardware: x86 flag amx_bf16 or avx512_bf16 in /proc/cpuinfo.
+
+    Elsewhere (no /proc/cpuinfo, ARM) False: torch then emulates bf16 matmuls through fp32, slower than fp32.
+    """
+    text = _read_text(Path(root) / "proc" / "cpuinfo") or ""
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return any(flag in line.partition(":")[2].split() for flag in NATIVE_BF16_FLAGS)
+    return False
+
+
 def probe_temperatures(sensors) -> dict[str, float] | None:
     """Current °C per sensor label ("<chip>/<label>"), None where psutil has no temperature support."""
     readings = _safe(lambda: sensors.sensors_temperatures())
@@ -168,6 +183,7 @@ def profile_device(
         compute_capability=gpu.capability if gpu else None,
         bnb_4bit=bnb_ok,
         budget_fraction=budget_fraction,
+        cpu_bf16=cpu_has_native_bf16(root),
         default_quant=default_quant,
         system_ram_bytes=ram_total,
         system_available_bytes=ram_available,

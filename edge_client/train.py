@@ -25,6 +25,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from edge_client.core.memory import QUANT_CHOICES
 from edge_client.core.pruning import DEFAULT_STRATEGY, STRATEGIES, PruningPlan
 from edge_client.data import FORMATS, InstructionExample
 from prufed.common.errors import ConfigError
@@ -35,7 +36,6 @@ CHECKPOINT_DIR = "checkpoint"
 CHECKPOINT_FILE = "state.pt"
 UPDATE_FILE = "update.safetensors"
 METRICS_FILE = "metrics.json"
-QUANT_CHOICES = ("auto", "nf4", "int8", "bf16", "fp32")
 DEMO_EXAMPLES = 1000
 # Fields that may differ between a run and its resume: they do not change the trained numbers.
 _RESUME_FREE_FIELDS = ("checkpoint_every", "verbose")
@@ -140,53 +140,47 @@ def peak_rss_bytes() -> int:
     return int(peak if sys.platform == "darwin" else peak * 1024)
 
 
-def choose_auto_depth(config: TrainConfig, model_config: dict, quant: str) -> tuple[int, dict]:
-    """Deepest depth the memory planner fits in the budget: --budget-gib, else --profile, else this device."""
-    import torch
-
-    from edge_client.core.memory import TrainingSetup, plan_depth
-
-    accelerator = "cuda" if torch.cuda.is_available() else "cpu"
-    if config.budget_gib is not None:
-        budget, source = int(config.budget_gib * 2**30), f"--budget-gib {config.budget_gib}"
-    elif config.profile is not None:
-        from edge_client.hardware_profiles import get_profile
-
-        profile = get_profile(config.profile)
-        budget, source, accelerator = int(profile.budget_bytes), f"--profile {config.profile}", profile.accelerator
-    else:
-        from edge_client.profiling import profile_device
-
-        spec = profile_device()
-        budget, source = int(spec.budget_bytes), f"this device ({spec.name})"
-    setup = TrainingSetup(seq_len=config.seq_len, batch=config.batch_size, lora_r=config.lora_r,
-                          lora_targets=tuple(config.lora_targets), quant=quant,
-                          gradient_checkpointing=config.gradient_checkpointing, optimizer="adamw",
-                          accelerator=accelerator)
-    plan = plan_depth(model_config, budget, setup)
-    return plan.depth, {"mode": "auto", "budget_bytes": budget, "budget_source": source,
-                        "predicted_bytes": plan.breakdown.total_bytes, "accelerator": accelerator}
-
-
-def resolve_plan(config: TrainConfig, quant: str) -> tuple[PruningPlan, dict]:
-    """The pruning plan of this run and how its depth was chosen."""
+def resolve_plan(config: TrainConfig) -> tuple[PruningPlan, str, dict]:
+    """(pruning plan, weight precision, how both were chosen) through `edge_client.planning`, the one planner
+    `prufed plan` and `prufed edge run` use too."""
     from edge_client.layer_scores import plan_for_model, source_model_dir
-    from edge_client.model import num_layers_of
+    from edge_client.model import check_quant_available, num_layers_of
+    from edge_client.planning import budget_label, device_spec, plan_training
     from prufed.common.models import read_model_config
 
     source = source_model_dir(config.model)
     num_layers = num_layers_of(source)
     if config.kept_layers is not None:
+        depth: int | str = len(config.kept_layers)
+    else:
+        depth = num_layers if config.depth is None else config.depth
+    if depth != "auto" and not 1 <= int(depth) <= num_layers:
+        raise ConfigError("--depth", f"must be between 1 and {num_layers} (the model's layer count), got {depth}")
+    if depth == "auto" or config.quant == "auto":
+        spec = device_spec(config.profile, config.budget_gib)
+        planned = plan_training(read_model_config(source), spec, planning_setup(config), quant=config.quant,
+                                depth=depth, budget_source=budget_label(config.profile, config.budget_gib))
+        quant, depth = planned.quant, planned.depth
+        choice = planned.choice("auto" if config.depth == "auto" else "fixed")
+    else:
+        quant, choice = config.quant, {"mode": "fixed", "quant": config.quant, "quant_source": "flag"}
+    check_quant_available(quant)
+    if config.kept_layers is not None:
         plan = PruningPlan("explicit", num_layers, config.kept_layers, source_model=config.model,
                            protected=config.protect)
-        return plan, {"mode": "explicit"}
-    if config.depth == "auto":
-        depth, choice = choose_auto_depth(config, read_model_config(source), quant)
-    else:
-        depth, choice = (num_layers if config.depth is None else config.depth), {"mode": "fixed"}
-    if not 1 <= depth <= num_layers:
-        raise ConfigError("--depth", f"must be between 1 and {num_layers} (the model's layer count), got {depth}")
-    return plan_for_model(config.model, config.strategy, depth, config.protect), choice
+        return plan, quant, {**choice, "mode": "explicit"}
+    return plan_for_model(config.model, config.strategy, int(depth), config.protect), quant, choice
+
+
+def planning_setup(config: TrainConfig):
+    """The memory planner's view of this run (device and precision are filled in by the planner)."""
+    from edge_client.core.memory import TARGET_SHAPES, TrainingSetup
+
+    # --targets may name modules of other architectures; the planner counts the LLaMA linears it has shapes for
+    targets = tuple(t for t in config.lora_targets if t in TARGET_SHAPES) or TrainingSetup.lora_targets
+    return TrainingSetup(seq_len=config.seq_len, batch=config.batch_size, lora_r=config.lora_r,
+                         lora_targets=targets, gradient_checkpointing=config.gradient_checkpointing,
+                         optimizer="adamw")
 
 
 def load_data(config: TrainConfig, examples: list[InstructionExample] | None):
@@ -311,7 +305,7 @@ def train_local(
 
     from edge_client.data import batch_indices, tokenize_examples
     from edge_client.evaluate import pad_batch
-    from edge_client.model import attach_lora, load_model_dir, materialize_pruned, resolve_quant
+    from edge_client.model import attach_lora, load_model_dir, materialize_pruned
     from prufed.common.adapter_format import DELTA_FORMAT, GLOBAL_FORMAT, AdapterMeta, load_adapter, save_adapter
     from prufed.common.models import fingerprint_model_dir, resolve_model
     from prufed.common.peft_bridge import adapter_state, load_adapter_state
@@ -323,8 +317,7 @@ def train_local(
     if not resume and checkpoint_path.exists():
         checkpoint_path.unlink()  # a fresh run must never be mistaken for a resumable one later
 
-    quant = resolve_quant(config.quant)
-    plan, depth_choice = resolve_plan(config, quant)
+    plan, quant, depth_choice = resolve_plan(config)
     kept = list(plan.kept_layers)
     base_dir = resolve_model(config.model)
     fingerprint = fingerprint_model_dir(base_dir)
@@ -334,10 +327,9 @@ def train_local(
     model, tokenizer = load_model_dir(model_dir, quant)
     device = next(model.parameters()).device
     _keep_4bit_differentiable(model)
-    quant_detail = {
-        "nf4": "bitsandbytes 4-bit NF4, double quantization", "int8": "bitsandbytes LLM.int8",
-        "bf16": "bfloat16 weights", "fp32": "float32 weights",
-    }[quant]
+    from edge_client.planning import quant_description
+
+    quant_detail = quant_description(quant)
     _log(config, f"quant: {quant} ({quant_detail}) on {device.type}; depth {plan.depth}/{plan.source_num_layers} "
                  f"({plan.strategy}), kept layers {kept}")
 

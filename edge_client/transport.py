@@ -92,7 +92,7 @@ class AggregatorClient:
 
     def __init__(self, address: str, token: str | None = None, tls_ca: str | Path | None = None,
                  chunk_size: int = DEFAULT_CHUNK_BYTES, timeout_s: float = 120.0,
-                 client_cert: tuple[str | Path, str | Path] | None = None, server_name: str | None = None):
+                 client_cert: tuple[str | Path, str | Path] | None = None):
         if not 1 <= chunk_size <= CHUNK_CAP_BYTES:
             raise ValueError(f"chunk_size must be in [1, {CHUNK_CAP_BYTES}], got {chunk_size}")
         self.address = address
@@ -101,8 +101,6 @@ class AggregatorClient:
         self.timeout_s = timeout_s
         options = [("grpc.max_receive_message_length", MESSAGE_CAP_BYTES),
                    ("grpc.max_send_message_length", MESSAGE_CAP_BYTES)]
-        if server_name:
-            options.append(("grpc.ssl_target_name_override", server_name))
         if tls_ca is not None:
             key = cert = None
             if client_cert is not None:
@@ -198,8 +196,11 @@ class AggregatorClient:
         return self._call("DownloadGlobal", fetch)
 
     def upload_update(self, update: str | Path | Mapping, round: int, num_examples: int,
-                      kept_layers: Sequence[int], *, base_model: str = "") -> Receipt:
-        """Stream an update (a delta file, or tensors that are first written as one) and return the receipt."""
+                      kept_layers: Sequence[int], *, base_model: str = "",
+                      eval: tuple[float, int] | None = None) -> Receipt:
+        """Stream an update (a delta file, or tensors that are first written as one) and return the receipt.
+
+        `eval`: (loss, examples) of this client's federated evaluation of the round's global, sent in the header."""
         if isinstance(update, Mapping):
             from prufed.common.adapter_format import DELTA_FORMAT, AdapterMeta
 
@@ -208,13 +209,14 @@ class AggregatorClient:
             with tempfile.TemporaryDirectory(prefix="prufed-upload-") as tmp:
                 path = Path(tmp) / "update.safetensors"
                 path.write_bytes(canonical_safetensors(update, meta.to_strings()))
-                return self.upload_update(path, round, num_examples, kept_layers)
+                return self.upload_update(path, round, num_examples, kept_layers, eval=eval)
         path = Path(update)
         index = safetensors_index(path)
         header = pb.UploadHeader(
             round=round, total_bytes=path.stat().st_size, num_examples=num_examples,
             kept_layers=[int(i) for i in kept_layers],
-            tensors=[pb.TensorInfo(name=n, shape=list(s), dtype=d) for n, s, d in index])
+            tensors=[pb.TensorInfo(name=n, shape=list(s), dtype=d) for n, s, d in index],
+            eval=pb.FederatedEval(loss=float(eval[0]), examples=int(eval[1])) if eval is not None else None)
         reply = self._call("UploadUpdate", self.stub.UploadUpdate, self._upload_stream(header, path),
                            metadata=self._metadata(), timeout=self.timeout_s)
         return Receipt(reply.upload_id, reply.sha256, reply.accepted, reply.duplicate, reply.round)
@@ -234,9 +236,11 @@ class AggregatorClient:
         return {"global_version": s.global_version, "rounds_total": s.rounds_total, "rounds_closed": s.rounds_closed,
                 "done": s.done, "clients_per_depth": {d.depth: d.clients for d in s.clients_per_depth},
                 "rounds": [{"round": r.round, "state": r.state, "sampled": r.sampled, "uploads": r.uploads,
-                            "deadline": r.deadline_unix, "metrics": json.loads(r.metrics_json or "{}")}
+                            "deadline": r.deadline_unix, "metrics": json.loads(r.metrics_json or "{}"),
+                            "eval": json.loads(r.eval_json or "{}")}
                            for r in s.rounds],
-                "last_metrics": json.loads(s.last_metrics_json or "{}")}
+                "last_metrics": json.loads(s.last_metrics_json or "{}"), "mode": s.mode or "heteagg",
+                "groups": json.loads(s.groups_json or "[]")}
 
     def health(self) -> str:
         """The standard gRPC health status of the aggregator service (e.g. "SERVING")."""

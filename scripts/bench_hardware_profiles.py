@@ -50,7 +50,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--measure-one", type=int, default=None, help=argparse.SUPPRESS)  # subprocess entry
     parser.add_argument("--model-dir", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    from edge_client.model import resolve_quant
+    from edge_client.model import check_quant_available
+    from edge_client.planning import auto_quant_candidates, device_spec
     from prufed.common.errors import ConfigError
 
     if args.smoke:
@@ -65,7 +66,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for flag in ("steps", "batch", "seq_len"):
         if getattr(args, flag) < (2 if flag == "steps" else 1):
             raise ConfigError("--" + flag.replace("_", "-"), f"too small: {getattr(args, flag)}")
-    args.quant = resolve_quant(args.quant)
+    if args.quant == "auto":  # this machine's fastest precision (edge_client.planning's rule at full depth)
+        args.quant = auto_quant_candidates(device_spec())[0]
+    check_quant_available(args.quant)
     return args
 
 
@@ -113,23 +116,22 @@ def llama2_7b_config() -> dict:
 
 
 def planner_rows(model_configs: dict[str, dict], setup) -> list[dict]:
-    """Per profile and model: the planner's depth under `setup` with the profile's accelerator and default quant."""
-    from dataclasses import replace
-
-    from edge_client.core.memory import choose_depth, estimate_memory
+    """Per profile and model: `edge_client.planning.plan_training` under `setup` on the profile (its accelerator,
+    unified memory and default quant), the planner `prufed plan` uses."""
+    from edge_client.core.memory import BudgetTooSmall
     from edge_client.hardware_profiles import load_profiles
-    from prufed.common.errors import PrufedError
+    from edge_client.planning import device_spec, plan_training
 
     rows = []
     for name, profile in sorted(load_profiles().items()):
-        setup = replace(setup, accelerator=profile.accelerator, quant=profile.default_quant)
+        spec = device_spec(name)
         for model_name, config in model_configs.items():
             try:
-                depth = choose_depth(config, profile.budget_bytes, setup)
-            except PrufedError:
-                depth = 0  # not even one layer fits this budget
-            breakdown = estimate_memory(config, depth, setup) if depth else None
-            rows.append({"profile": name, "model": model_name, "quant": setup.quant,
+                planned = plan_training(config, spec, setup, quant="auto", depth="auto")
+                depth, breakdown = planned.depth, planned.breakdown
+            except BudgetTooSmall:
+                depth, breakdown = 0, None  # not even one layer fits this budget
+            rows.append({"profile": name, "model": model_name, "quant": profile.default_quant,
                          "budget_mib": round(profile.budget_bytes / 2**20),
                          "chosen_depth": depth, "total_mib": round(breakdown.total_bytes / 2**20) if breakdown else "",
                          "breakdown": json.dumps({k: round(v, 1) for k, v in breakdown.mib().items()})

@@ -50,7 +50,7 @@ def serve(kind: str, workdir: Path, clients: int) -> None:
     else:
         from aggregator.config import AggregatorConfig
         from aggregator.server import configure_json_logging, create_server
-        from aggregator.store import Store
+        from aggregator.state import Store
 
         configure_json_logging()
         config = AggregatorConfig(rounds=1, min_clients=clients, deadline_s=3600, lora_r=8, lora_alpha=16,

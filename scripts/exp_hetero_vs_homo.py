@@ -1,28 +1,34 @@
-"""Experiment 2: heterogeneous HeteAgg (PruFed) against homogeneous FedAvg within each depth group.
+"""Experiment 2 as a resumable grid: does aggregation across pruned depths beat each depth's own baselines?
 
-  python scripts/exp_hetero_vs_homo.py --alpaca ../shared/data/alpaca_5000.json --depths 30,20,10 --seeds 3
+  python scripts/exp_hetero_vs_homo.py --alpaca ../shared/data/alpaca_5000.json --seeds 3
   python scripts/exp_hetero_vs_homo.py --smoke            # tiny random model + demo data, seconds
 
-Clients fall into depth groups (--depths, --clients-per-depth each), pruned with --strategy. The train pool is split
-non-IID once (Dirichlet(--alpha) over example categories, --partition-seed), so every run sees identical client
-data. Each seed s fixes the initial global adapter (`initial_global_adapter(..., seed=s)`), LoRA dropout and
-batch order, identical across runs:
-  heteagg-<space>  one full-depth global adapter; every client trains its kept slice for --local-steps, uploads
-                   delta = local - global (ORIGINAL layer keys); HeteAggregator(mode="heteagg", space) merges all.
-  fedavg           a separate global per depth group, merged with HeteAggregator(mode="fedavg") over that group only.
-  local-only       (--local-only) each client trains alone for rounds x local-steps; the depth's mean is reported.
-After every round, each depth's global slice is loaded into that depth's pruned model and scored on held-out data
-(masked loss, perplexity exp(loss)). Aggregation is the server's own code (aggregator.core.heteagg).
-Writes results.csv, results.json, table.md and curves.png under --out.
+A regime is a strategy and a depth set (--regimes "contribution:30,20,10;top:30,20,10"); each depth is a group of
+--clients-per-depth clients. Every cell = (run, regime, seed) writes one JSON file under --data-dir when it
+finishes, and a rerun skips it; an interrupted cell resumes from its last finished round (--state-dir).
+Runs (--runs):
+  heteagg-lr<X>     one global over every client, HeteAgg in factor space with server learning rate X
+  fedavg-group      one global per depth group, FedAvg over that group's clients only
+  mixed-<X|auto>    per-group globals, aggregator/core/mixed.py with --mix X (or auto)
+  additive-<X|auto> per-group globals, aggregator/core/additive.py with --mix X (or auto)
+  homogeneous       the paper's baseline: every client at depth d over the same data split, FedAvg, one cell per
+                    depth (depth 30 of a 30-layer model is shared by every regime: no pruning)
+  local             each client alone for rounds x local-steps steps; the depth's mean loss is reported
+Data: the first clients x --examples-per-client examples of the Alpaca train pool are shuffled with the partition
+seed, cut into equal shares per depth group, and split non-IID (Dirichlet(--alpha) over the instruction's first
+word) among the group's clients. Seed s is both the training seed (initial global adapter, dropout, batch order)
+and the partition seed. Each depth's global is scored on the same --heldout Alpaca examples (nats per answer token)
+after the rounds in --eval-rounds. Tables and plots: scripts/results_report.py.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import math
+import random
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -32,251 +38,300 @@ import _exp_common as common
 from prufed.cli.help import HelpFormatter
 from prufed.common.models import DEFAULT_MODEL
 
-COLUMNS = ("run", "depth", "round", "seed", "loss", "perplexity", "tokens", "exact_match", "clients", "seconds")
+EXPERIMENT = "hetero"
+DEFAULT_RUNS = ("fedavg-group,heteagg-lr1,mixed-auto,additive-auto,homogeneous,heteagg-lr2,heteagg-lr4,mixed-0.5,"
+                "additive-1,local")
+
+
+@dataclass(frozen=True)
+class Run:
+    """One run kind: `mode` is heteagg, fedavg-group, mixed, additive, homogeneous or local."""
+
+    name: str
+    mode: str
+    server_lr: float = 1.0
+    mix: float | str | None = None
+
+
+def parse_run(name: str) -> Run:
+    from aggregator.core.fedavg_group import parse_mix
+    from prufed.common.errors import ConfigError
+
+    if name in ("fedavg-group", "homogeneous", "local"):
+        return Run(name, name)
+    try:
+        if name.startswith("heteagg-lr"):
+            lr = float(name.removeprefix("heteagg-lr"))
+            if not (math.isfinite(lr) and lr > 0):
+                raise ValueError
+            return Run(name, "heteagg", server_lr=lr)
+        for mode, upper in (("mixed", 1.0), ("additive", None)):
+            if name.startswith(mode + "-"):
+                return Run(name, mode, mix=parse_mix(name.removeprefix(mode + "-"), upper=upper))
+    except (ValueError, ConfigError):
+        pass
+    raise ConfigError("--runs", f"unknown run {name!r}; use heteagg-lr<X>, fedavg-group, mixed-<X|auto>, "
+                      "additive-<X|auto>, homogeneous or local")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter,
-                                     epilog="example: python scripts/exp_hetero_vs_homo.py --smoke --local-only")
+                                     epilog="example: python scripts/exp_hetero_vs_homo.py --smoke")
     parser.add_argument("--model", default=DEFAULT_MODEL, help="model alias or local HF directory")
-    parser.add_argument("--depths", default="30,20,10", help="comma-separated layers kept, one group per depth")
-    parser.add_argument("--strategy", default=None,
-                        help="pruning strategy (default: best_overall of --pruning-results, else 'top')")
-    parser.add_argument("--pruning-results", type=Path, default=Path("runs/exp_pruning/results.json"),
-                        help="experiment 1's results.json, read for the default --strategy")
+    parser.add_argument("--regimes", default="contribution:30,20,10;contribution:30,26,22;top:30,20,10",
+                        help="';'-separated strategy:depths, run in this order (most informative first)")
+    parser.add_argument("--runs", default=DEFAULT_RUNS, help="comma-separated runs, in this order (see above)")
     parser.add_argument("--clients-per-depth", type=int, default=2, help="clients in each depth group")
-    parser.add_argument("--rounds", type=int, default=3, help="federated rounds")
-    parser.add_argument("--local-steps", type=int, default=4, help="AdamW steps per client per round")
+    parser.add_argument("--rounds", type=int, default=10, help="federated rounds")
+    parser.add_argument("--local-steps", type=int, default=10, help="AdamW steps per client per round")
     parser.add_argument("--batch-size", type=int, default=4, help="examples per optimizer step")
-    parser.add_argument("--lr", type=float, default=3e-4, help="client AdamW learning rate")
+    parser.add_argument("--lr", type=float, default=1e-3, help="client AdamW learning rate")
     parser.add_argument("--lora-r", type=int, default=8, help="LoRA rank (alpha = 2r, targets q_proj,v_proj)")
     parser.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration of the non-IID split")
-    parser.add_argument("--partition-seed", type=int, default=0, help="seed of the (shared) data partition")
-    parser.add_argument("--examples-per-client", type=int, default=64, help="mean train examples per client")
-    parser.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1")
-    parser.add_argument("--spaces", default="factors,product", help="HeteAgg spaces to run (factors, product)")
-    parser.add_argument("--local-only", action="store_true", help="also run the non-federated baseline per depth")
-    parser.add_argument("--task", choices=common.TASKS, default="alpaca", help="task whose data is used")
-    parser.add_argument("--heldout", type=int, default=32, help="held-out examples scored per evaluation")
-    parser.add_argument("--gen", type=int, default=0, help="GSM8K questions for exact match at the end (task gsm8k)")
-    parser.add_argument("--max-new-tokens", type=int, default=160, help="generation budget per GSM8K question")
-    parser.add_argument("--max-len", type=int, default=192, help="tokens per example, truncated")
+    parser.add_argument("--examples-per-client", type=int, default=96, help="train examples per client (mean)")
+    parser.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 (training and partition seed)")
+    parser.add_argument("--heldout", type=int, default=100, help="held-out Alpaca examples scored")
+    parser.add_argument("--eval-rounds", default="0,5,10", help="rounds after which each depth is scored")
+    parser.add_argument("--max-len", type=int, default=192, help="tokens per example (prompt + answer), truncated")
     parser.add_argument("--alpaca", default=None, help="Alpaca JSON; default: demo data")
-    parser.add_argument("--gsm8k", default=None, help="GSM8K train jsonl; default: demo data")
-    parser.add_argument("--gsm8k-test", default=None, help="GSM8K test jsonl (default: --gsm8k with train->test)")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
-    parser.add_argument("--out", type=Path, default=Path("runs/exp_hetero"), help="output directory")
+    parser.add_argument("--out", type=Path, default=Path("runs/exp_hetero"), help="scratch directory (smoke model)")
     parser.add_argument("--smoke", action="store_true", help="tiny random model, demo data, 1 seed, 2 rounds")
-    parser.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
+    common.add_grid_flags(parser)
     args = parser.parse_args(argv)
     from edge_client.core.pruning import STRATEGIES
     from prufed.common.errors import ConfigError
 
     if args.smoke:
         args.seeds, args.rounds, args.local_steps, args.batch_size, args.heldout = 1, 2, 2, 2, 4
-        args.examples_per_client, args.max_len, args.alpaca, args.gsm8k = 8, 512, None, None
-        args.depths = args.depths if args.depths != "30,20,10" else "8,6,4"
-    if args.strategy is None:
+        args.examples_per_client, args.max_len, args.alpaca, args.eval_rounds = 12, 512, None, "0,2"
+        if args.regimes == parser.get_default("regimes"):
+            args.regimes = "top:8,6,4"
+    args.regime_list = []
+    for part in (p for p in args.regimes.split(";") if p.strip()):
+        strategy, _, depths = part.partition(":")
         try:
-            args.strategy = json.loads(args.pruning_results.read_text())["best_overall"]
-        except (OSError, ValueError, KeyError):
-            args.strategy = "top"
-    if args.strategy not in STRATEGIES:
-        raise ConfigError("--strategy", f"unknown {args.strategy!r}; choose from {', '.join(STRATEGIES)}")
-    try:
-        args.depth_list = [int(d) for d in args.depths.split(",") if d.strip()]
-    except ValueError:
-        raise ConfigError("--depths", f"must be comma-separated integers, got {args.depths!r}") from None
-    if not args.depth_list or len(set(args.depth_list)) != len(args.depth_list):
-        raise ConfigError("--depths", f"must be distinct depths, got {args.depths!r}")
-    args.space_list = [s for s in args.spaces.split(",") if s]
-    if not args.space_list or any(s not in ("factors", "product") for s in args.space_list):
-        raise ConfigError("--spaces", f"must be a comma-separated subset of factors,product, got {args.spaces!r}")
-    for flag in ("clients_per_depth", "rounds", "local_steps", "batch_size", "lora_r", "seeds", "heldout",
-                 "examples_per_client"):
+            depth_list = [int(d) for d in depths.split(",") if d.strip()]
+        except ValueError:
+            depth_list = []
+        if strategy.strip() not in STRATEGIES or not depth_list or len(set(depth_list)) != len(depth_list):
+            raise ConfigError("--regimes", f"each regime is strategy:d1,d2,... with distinct depths and a strategy "
+                              f"from {', '.join(STRATEGIES)}; got {part!r}")
+        args.regime_list.append((strategy.strip(), depth_list))
+    args.run_list = [parse_run(r.strip()) for r in args.runs.split(",") if r.strip()]
+    for flag in ("clients_per_depth", "rounds", "local_steps", "batch_size", "lora_r", "examples_per_client",
+                 "seeds", "heldout"):
         if getattr(args, flag) < 1:
             raise ConfigError("--" + flag.replace("_", "-"), f"must be >= 1, got {getattr(args, flag)}")
     if not args.alpha > 0 or not args.lr > 0:
         raise ConfigError("--alpha/--lr", "must be > 0")
-    if args.gen < 0 or args.max_len < 8:
-        raise ConfigError("--gen/--max-len", "must be >= 0 and >= 8")
-    if args.gsm8k and not args.gsm8k_test:
-        args.gsm8k_test = args.gsm8k.replace("train", "test")
-    for flag in ("alpaca", "gsm8k", "gsm8k_test"):
-        path = getattr(args, flag)
-        if path and not Path(path).is_file():
-            raise ConfigError("--" + flag.replace("_", "-"), f"no such file: {path}")
+    try:
+        args.eval_set = sorted({int(r) for r in args.eval_rounds.split(",") if r.strip()} | {args.rounds})
+    except ValueError:
+        raise ConfigError("--eval-rounds", f"must be comma-separated integers, got {args.eval_rounds!r}") from None
+    if any(not 0 <= r <= args.rounds for r in args.eval_set):
+        raise ConfigError("--eval-rounds", f"must lie in [0, --rounds={args.rounds}]")
+    if args.alpaca and not Path(args.alpaca).is_file():
+        raise ConfigError("--alpaca", f"no such file: {args.alpaca}")
     return args
 
 
-class DepthModels:
-    """One PEFT-wrapped pruned model per depth, reused by every client of that depth (adapter reloaded each time)."""
+# ---------------------------------------------------------------------------------------------------- cells
 
-    def __init__(self, base, plans: dict, lora_r: int):
+
+@dataclass(frozen=True)
+class Cell:
+    run: Run
+    strategy: str  # "none" for an unpruned homogeneous cell
+    depths: tuple[int, ...]
+    seed: int
+
+    def name(self, budget: str) -> str:
+        return common.cell_name(EXPERIMENT, self.run.name, self.strategy, self.depths, f"s{self.seed}p{self.seed}",
+                                budget)
+
+
+def plan_cells(args, num_layers: int) -> list[Cell]:
+    """Every cell in run order: seeds outermost within a regime, regimes in the given order; shared cells once."""
+    cells: list[Cell] = []
+    for strategy, depths in args.regime_list:
+        for seed in range(args.seeds):
+            for run in args.run_list:
+                if run.mode == "homogeneous":
+                    for d in depths:
+                        cells.append(Cell(run, "none" if d == num_layers else strategy, (d,), seed))
+                else:
+                    cells.append(Cell(run, strategy, tuple(depths), seed))
+    return list(dict.fromkeys(cells))
+
+
+def budget_tag(args) -> str:
+    return f"r{args.rounds}x{args.local_steps}b{args.batch_size}"
+
+
+def cell_config(args, cell: Cell, model_dir: Path) -> dict:
+    """Everything that determines a cell's numbers (a finished cell with another config is an error, not a skip)."""
+    return {"model": str(args.model) if not args.smoke else "tiny-random", "rounds": args.rounds,
+            "local_steps": args.local_steps, "batch_size": args.batch_size, "lr": args.lr, "lora_r": args.lora_r,
+            "lora_alpha": 2 * args.lora_r, "dirichlet_alpha": args.alpha, "clients_per_depth": args.clients_per_depth,
+            "examples_per_client": args.examples_per_client, "heldout": args.heldout, "max_len": args.max_len,
+            "eval_rounds": args.eval_set, "groups": len(args.regime_list[0][1]) if cell.run.mode == "homogeneous"
+            else len(cell.depths), "alpaca": Path(args.alpaca).name if args.alpaca else "demo"}
+
+
+# ---------------------------------------------------------------------------------------------------- data
+
+
+def equal_share_split(labels: list[str], groups: int, per_group: int, alpha: float, seed: int) -> list[list[int]]:
+    """groups x per_group client index lists: the pool is shuffled (seed), cut into `groups` equal shares, and each
+    share split non-IID over its clients (Dirichlet(alpha) over `labels`)."""
+    from edge_client.core.partition import dirichlet_split
+
+    order = list(range(len(labels)))
+    random.Random(f"partition:{seed}").shuffle(order)
+    share = len(order) // groups
+    parts = []
+    for g in range(groups):
+        chunk = order[g * share:(g + 1) * share]
+        for part in dirichlet_split([labels[i] for i in chunk], per_group, alpha, seed * 1000 + g):
+            parts.append(sorted(chunk[i] for i in part))
+    return parts
+
+
+class DepthModels:
+    """The PEFT-wrapped pruned models of one cell, one per depth, reused by every client of that depth (the adapter is
+    reloaded each time); built once per kept-layer list and shared between cells through `cache`."""
+
+    def __init__(self, base, kept: dict[int, tuple[int, ...]], lora_r: int, cache: dict):
         from edge_client.model import attach_lora
 
-        self.plans = plans
-        self.models = {d: attach_lora(common.pruned_copy(base, plan.kept_layers), r=lora_r, alpha=2 * lora_r)
-                       for d, plan in plans.items()}
+        self.kept = kept
+        for layers in kept.values():
+            if layers not in cache:
+                cache[layers] = attach_lora(common.pruned_copy(base, layers), r=lora_r, alpha=2 * lora_r)
+        self.models = {d: cache[layers] for d, layers in kept.items()}
 
     def load(self, depth: int, state: dict):
         from prufed.common.peft_bridge import load_adapter_state
 
         model = self.models[depth]
-        load_adapter_state(model, state, self.plans[depth].kept_layers)
+        load_adapter_state(model, state, self.kept[depth])
         return model
 
     def local_state(self, depth: int) -> dict:
         from prufed.common.peft_bridge import adapter_state
 
-        return adapter_state(self.models[depth], self.plans[depth].kept_layers)
+        return adapter_state(self.models[depth], self.kept[depth])
 
 
-def client_delta(local: dict, global_state: dict) -> dict:
-    """delta = local - global on the client's (kept-layer) keys: what a client uploads."""
-    return {key: value - global_state[key] for key, value in local.items()}
+def client_seed(seed: int, rnd: int, index: int) -> int:
+    return seed * 10_000 + rnd * 100 + index
 
 
-def run_federated(name: str, models: DepthModels, clients: list[tuple[int, list]], global_init: dict, config,
-                  args, evaluate, seed: int, groups: dict[int, list[int]] | None) -> list[dict]:
-    """Rounds of local training + aggregation. groups=None: one global over all clients (HeteAgg); else one global
-    per depth group aggregated over that group's clients only (homogeneous FedAvg)."""
-    from aggregator.core.heteagg import HeteAggregator
-
-    pad_id = evaluate.pad_id
-    scopes = {None: list(range(len(clients)))} if groups is None else dict(groups)
-    globals_ = {scope: {k: v.clone() for k, v in global_init.items()} for scope in scopes}
-    rows = [evaluate(name, globals_[None if groups is None else d], d, 0, seed) for d in models.plans]
-    for rnd in range(1, args.rounds + 1):
-        tick = time.time()
-        for scope, members in scopes.items():
-            aggregator = HeteAggregator(globals_[scope], config)
-            for index in members:
-                depth, client_rows = clients[index]
-                model = models.load(depth, globals_[scope])
-                torch_seed(seed * 10_000 + rnd * 100 + index)
-                common.finetune(model, client_rows, steps=args.local_steps, batch_size=args.batch_size, lr=args.lr,
-                                seed=seed * 10_000 + rnd * 100 + index, pad_id=pad_id)
-                aggregator.add(client_delta(models.local_state(depth), globals_[scope]), len(client_rows),
-                               name=f"client{index}")
-            globals_[scope] = aggregator.finish().state
-        seconds = round(time.time() - tick, 1)
-        for depth in models.plans:
-            row = evaluate(name, globals_[None if groups is None else depth], depth, rnd, seed)
-            rows.append(row | {"seconds": seconds})
-        common.log(f"seed {seed} {name} round {rnd}: " + ", ".join(
-            f"d={r['depth']} {r['loss']:.3f}" for r in rows[-len(models.plans):]) + f" ({seconds}s)")
-    return rows
+# ---------------------------------------------------------------------------------------------------- runs
 
 
-def run_local_only(models: DepthModels, clients: list[tuple[int, list]], global_init: dict, args, evaluate,
-                   seed: int) -> list[dict]:
-    """Each client alone: rounds x local-steps from the same initial adapter; mean over the depth's clients."""
-    per_depth: dict[int, list[dict]] = {}
-    for index, (depth, client_rows) in enumerate(clients):
-        model = models.load(depth, global_init)
-        torch_seed(seed * 10_000 + index)
-        common.finetune(model, client_rows, steps=args.rounds * args.local_steps, batch_size=args.batch_size,
-                        lr=args.lr, seed=seed * 10_000 + index, pad_id=evaluate.pad_id)
-        per_depth.setdefault(depth, []).append(evaluate.score(model))
-    rows = []
-    for depth, scores in per_depth.items():
-        loss = sum(s["loss"] for s in scores) / len(scores)
-        ems = [s["exact_match"] for s in scores if s["exact_match"] != ""]
-        rows.append({"run": "local-only", "depth": depth, "round": args.rounds, "seed": seed, "loss": loss,
-                     "perplexity": math.exp(loss), "tokens": scores[0]["tokens"],
-                     "exact_match": sum(ems) / len(ems) if ems else "", "clients": len(scores), "seconds": ""})
-    return rows
-
-
-def torch_seed(seed: int) -> None:
+def run_cell(cell: Cell, ctx: dict, args, checkpoint: Path, config: dict) -> tuple[list[dict], dict]:
+    """(per-depth rows, extra fields) of one federated or local cell, resuming from `checkpoint` when present."""
     import torch
 
-    torch.manual_seed(seed)
+    from aggregator.core.additive import AdditiveAggregator
+    from aggregator.core.fedavg_group import FedAvgGroupAggregator
+    from aggregator.core.heteagg import AggregationConfig, HeteAggregator
+    from aggregator.core.mixed import MixedAggregator
 
+    models: DepthModels = ctx["models"]
+    pad_id = ctx["pad_id"]
+    if cell.run.mode == "homogeneous":
+        clients = [(cell.depths[0], rows) for _, rows in ctx["clients"]]
+    else:
+        clients = [(cell.depths[i // args.clients_per_depth], rows) for i, (_, rows) in enumerate(ctx["clients"])]
+    depths = list(cell.depths)
 
-class Evaluator:
-    """Scores a depth's model with a given global adapter on the held-out rows (+ GSM8K EM in the last round)."""
+    def score(depth: int, state: dict) -> dict:
+        result = common.evaluate_rows(models.load(depth, state), ctx["held"], pad_id)
+        return {"loss": result.loss, "tokens": result.tokens}
 
-    def __init__(self, models: DepthModels, held_rows, generate, tokenizer, args, clients_at: dict[int, int]):
-        self.models, self.held_rows, self.generate, self.tokenizer, self.args = models, held_rows, generate, tokenizer, args
-        self.pad_id = tokenizer.pad_token_id
-        self.clients_at = clients_at  # depth -> number of clients of that depth (a column of the results)
+    if cell.run.mode == "local":
+        losses: dict[int, list[float]] = {}
+        tokens = 0
+        for index, (depth, rows) in enumerate(clients):
+            model = models.load(depth, ctx["init"])
+            torch.manual_seed(client_seed(cell.seed, 0, index))
+            common.finetune(model, rows, steps=args.rounds * args.local_steps, batch_size=args.batch_size, lr=args.lr,
+                            seed=client_seed(cell.seed, 0, index), pad_id=pad_id)
+            scored = score(depth, models.local_state(depth))
+            losses.setdefault(depth, []).append(scored["loss"])
+            tokens = scored["tokens"]
+        rows_out = [{"depth": d, "loss": sum(v) / len(v), "client_losses": v, "heldout_tokens": tokens,
+                     "curve": []} for d, v in losses.items()]
+        return rows_out, {"resumed_after_round": None}
 
-    def score(self, model, final: bool = True) -> dict:
-        result = common.evaluate_rows(model, self.held_rows, self.pad_id)
-        em = (common.exact_match(model, self.tokenizer, self.generate, self.args.max_new_tokens)
-              if final and self.generate else "")
-        return {**result.to_json_dict(), "exact_match": em}
-
-    def __call__(self, run: str, state: dict, depth: int, rnd: int, seed: int) -> dict:
-        model = self.models.load(depth, state)
-        scored = self.score(model, final=rnd == self.args.rounds)
-        return {"run": run, "depth": depth, "round": rnd, "seed": seed, **scored,
-                "clients": self.clients_at[depth], "seconds": ""}
-
-
-def render(rows: list[dict], args, depths: list[int], runs: list[str]) -> tuple[str, dict]:
-    final = [r for r in rows if int(r["round"]) == args.rounds]
-    stats = {(run, d): {m: common.mean_std(float(r[m]) for r in final if r["run"] == run and int(r["depth"]) == d
-                                           and r[m] != "") for m in ("loss", "perplexity", "exact_match")}
-             for run in runs for d in depths}
-    init = {d: common.mean_std(float(r["loss"]) for r in rows if int(r["round"]) == 0 and int(r["depth"]) == d
-                               and r["run"] == runs[0]) for d in depths}
-    header = ["depth", "initial loss"] + [f"{run} loss" for run in runs] + [f"{run} ppl" for run in runs]
-    body = [[d, common.fmt(*init[d][:2])] + [common.fmt(*stats[(run, d)]["loss"][:2]) for run in runs]
-            + [common.fmt(*stats[(run, d)]["perplexity"][:2], digits=2) for run in runs] for d in depths]
-    text = [f"# HeteAgg vs homogeneous FedAvg ({args.seeds} seeds, {args.rounds} rounds x {args.local_steps} local "
-            f"steps, strategy {args.strategy}, {args.clients_per_depth} clients per depth)", "",
-            "Held-out masked loss (nats/token) and perplexity of each depth's global model after the last round, "
-            "mean ± std over seeds.", "", common.markdown_table(header, body), ""]
-    if args.gen:
-        text += ["GSM8K exact match after the last round:", "",
-                 common.markdown_table(["depth"] + runs, [[d] + [common.fmt(*stats[(run, d)]["exact_match"][:2], 2)
-                                                                 for run in runs] for d in depths]), ""]
-    deltas = {}
-    if "fedavg" in runs:
-        for run in runs:
-            if run.startswith("heteagg"):
-                for d in depths:
-                    per_seed = {}
-                    for r in final:
-                        if int(r["depth"]) == d and r["run"] in (run, "fedavg"):
-                            per_seed.setdefault(r["seed"], {})[r["run"]] = float(r["loss"])
-                    diffs = [v[run] - v["fedavg"] for v in per_seed.values() if len(v) == 2]
-                    deltas[f"{run}-fedavg@{d}"] = common.mean_std(diffs)
-        text += ["Paired difference (HeteAgg loss - FedAvg loss, same seed; negative = HeteAgg better):", "",
-                 common.markdown_table(["comparison", "mean ± std"],
-                                       [(k, common.fmt(*v[:2])) for k, v in deltas.items()]), ""]
-    return "\n".join(text), {f"{run}@{d}": {m: list(v) for m, v in s.items()} for (run, d), s in stats.items()} | {
-        "paired_differences": {k: list(v) for k, v in deltas.items()}}
-
-
-def render_curves(path: Path, rows: list[dict], depths: list[int], runs: list[str]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(depths), figsize=(4.5 * len(depths), 3.6), squeeze=False)
-    for ax, depth in zip(axes[0], depths):
-        for run in runs:
-            if run == "local-only":
-                continue
-            rounds = sorted({int(r["round"]) for r in rows if r["run"] == run})
-            means = [common.mean_std(float(r["loss"]) for r in rows if r["run"] == run and int(r["depth"]) == depth
-                                     and int(r["round"]) == k) for k in rounds]
-            ax.errorbar(rounds, [m[0] for m in means], yerr=[m[1] for m in means], marker="o", capsize=2, label=run)
-        local = [float(r["loss"]) for r in rows if r["run"] == "local-only" and int(r["depth"]) == depth]
-        if local:
-            ax.axhline(sum(local) / len(local), ls="--", color="grey", label="local-only (end)")
-        ax.set_title(f"{depth} layers")
-        ax.set_xlabel("round")
-        ax.set_ylabel("held-out loss (nats/token)")
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
+    per_group = cell.run.mode != "heteagg"
+    agg_config = AggregationConfig(server_lr=cell.run.server_lr)
+    started = time.time()
+    load = common.load_checkpoint(checkpoint, config)
+    if load is not None:
+        globals_, curves, start, reports = load["globals"], load["curves"], load["round"] + 1, load["reports"]
+        common.log(f"  resuming {checkpoint.stem} after round {load['round']}")
+        started -= load["seconds"]
+    else:
+        init = {k: v.clone() for k, v in ctx["init"].items()}
+        globals_ = {d: init for d in depths} if per_group else {None: init}
+        curves = {d: [] for d in depths}
+        reports = []
+        start = 1
+        if 0 in args.eval_set:
+            for d in depths:
+                curves[d].append({"round": 0, **score(d, globals_[d if per_group else None])})
+    kept = {d: tuple(models.kept[d]) for d in depths}
+    depth_of = {layers: d for d, layers in kept.items()}
+    for rnd in range(start, args.rounds + 1):
+        tick = time.time()
+        if per_group:
+            classes = {"fedavg-group": FedAvgGroupAggregator, "homogeneous": FedAvgGroupAggregator,
+                       "mixed": MixedAggregator, "additive": AdditiveAggregator}
+            cls = classes[cell.run.mode]
+            group_globals = {kept[d]: globals_[d] for d in depths}
+            aggregator = (cls(group_globals, agg_config) if cell.run.mix is None
+                          else cls(group_globals, agg_config, mix=cell.run.mix))
+        else:
+            aggregator = HeteAggregator(globals_[None], agg_config)
+        for index, (depth, rows) in enumerate(clients):
+            start_state = globals_[depth if per_group else None]
+            model = models.load(depth, start_state)
+            torch.manual_seed(client_seed(cell.seed, rnd, index))
+            common.finetune(model, rows, steps=args.local_steps, batch_size=args.batch_size, lr=args.lr,
+                            seed=client_seed(cell.seed, rnd, index), pad_id=pad_id)
+            local = models.local_state(depth)
+            update = {key: value - start_state[key] for key, value in local.items()}
+            if per_group:
+                aggregator.add(kept[depth], update, len(rows), name=f"client{index}")
+            else:
+                aggregator.add(update, len(rows), name=f"client{index}")
+        if per_group:
+            results = aggregator.finish()
+            globals_ = {depth_of[g]: r.state for g, r in results.items()}
+            reports.append({str(depth_of[g]): {k: v for k, v in r.report.items() if k in ("lambda", "mu")}
+                            for g, r in results.items()})
+        else:
+            globals_ = {None: aggregator.finish().state}
+        seconds = time.time() - tick
+        if rnd in args.eval_set:
+            for d in depths:
+                curves[d].append({"round": rnd, **score(d, globals_[d if per_group else None]),
+                                  "round_seconds": round(seconds, 1)})
+            common.log(f"  {cell.run.name} seed {cell.seed} round {rnd}: " + ", ".join(
+                f"d={d} {curves[d][-1]['loss']:.3f}" for d in depths) + f" ({seconds:.0f}s)")
+        common.save_checkpoint(checkpoint, {"config": config, "round": rnd, "globals": globals_, "curves": curves,
+                                            "reports": reports, "seconds": time.time() - started})
+    rows_out = [{"depth": d, "loss": curves[d][-1]["loss"], "heldout_tokens": curves[d][-1]["tokens"],
+                 "curve": curves[d]} for d in depths]
+    extra = {"resumed_after_round": load["round"] if load is not None else None,
+             "wall_seconds": round(time.time() - started, 1)}
+    if any(r for rep in reports for r in rep.values()):
+        extra["mix_per_round"] = reports
+    return rows_out, extra
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -286,72 +341,93 @@ def main(argv: list[str] | None = None) -> int:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from aggregator.core.heteagg import AggregationConfig
     from aggregator.core.init_adapter import initial_global_adapter
-    from edge_client.core.partition import dirichlet_split
     from edge_client.core.pruning import SCORED_STRATEGIES, make_plan
     from edge_client.layer_scores import calibration_passages, compute_layer_scores
     from edge_client.model import DEFAULT_LORA_TARGETS, load_base_model
     from prufed.common.errors import ConfigError
     from prufed.common.models import read_model_config
 
-    started = time.time()
     model_dir = common.model_dir_for(args)
-    base, tokenizer = load_base_model(model_dir)
-    num_layers = len(base.model.layers)
-    if any(not 1 <= d <= num_layers for d in args.depth_list):
-        raise ConfigError("--depths", f"must lie in [1, {num_layers}], got {args.depth_list}")
-    scores = None
-    if args.strategy in SCORED_STRATEGIES:
-        scores = compute_layer_scores(base, tokenizer, calibration_passages(),
-                                      block_sizes={num_layers - d for d in args.depth_list if d < num_layers})
-    plans = {d: make_plan(args.strategy, num_layers, d, scores=scores, source_model=str(model_dir))
-             for d in args.depth_list}
-
-    data = common.load_task(args.task, alpaca=args.alpaca, gsm8k_train=args.gsm8k, gsm8k_test=args.gsm8k_test,
-                            heldout=args.heldout, generate=args.gen,
-                            demo_count=max(400, len(args.depth_list) * args.clients_per_depth * args.examples_per_client))
-    num_clients = len(args.depth_list) * args.clients_per_depth
-    pool = data.train[: num_clients * args.examples_per_client]
-    parts = dirichlet_split(common.category_labels(pool), num_clients, args.alpha, args.partition_seed)
-    clients = [(args.depth_list[i // args.clients_per_depth], common.tokenize([pool[j] for j in part], tokenizer,
-                                                                              args.max_len))
-               for i, part in enumerate(parts)]
-    groups = {d: [i for i, (depth, _) in enumerate(clients) if depth == d] for d in args.depth_list}
-    held_rows = common.tokenize(data.heldout, tokenizer, args.max_len)
+    device = common.resolve_device(args.device)
+    precision = common.resolve_precision(args.precision, device)
     config_dict = read_model_config(model_dir)
+    num_layers = int(config_dict["num_hidden_layers"])
+    for _, depths in args.regime_list:
+        if any(not 1 <= d <= num_layers for d in depths):
+            raise ConfigError("--regimes", f"depths must lie in [1, {num_layers}], got {depths}")
+        if len(depths) != len(args.regime_list[0][1]):
+            raise ConfigError("--regimes", "every regime needs the same number of depth groups (the same data split)")
+    cells = plan_cells(args, num_layers)
+    budget = budget_tag(args)
+    todo = []
+    for cell in cells:
+        path = args.data_dir / f"{cell.name(budget)}.json"
+        done = common.read_cell(path, cell_config(args, cell, model_dir)) is not None
+        if args.list:
+            print(f"{'done' if done else 'todo'}  {path.name}")
+        if not done:
+            todo.append(cell)
+    if args.max_cells:
+        todo = todo[:args.max_cells]
+    common.log(f"{len(cells)} cells, {len(todo)} to run now (device {device}, {precision} base weights)")
+    if args.list or not todo:
+        return 0
 
-    runs = [f"heteagg-{space}" for space in args.space_list] + ["fedavg"] + (["local-only"] if args.local_only else [])
-    rows: list[dict] = []
-    for seed in range(args.seeds):
-        torch.manual_seed(seed)
-        models = DepthModels(base, plans, args.lora_r)
-        evaluate = Evaluator(models, held_rows, data.generate if args.task == "gsm8k" else [], tokenizer, args,
-                             {d: len(idx) for d, idx in groups.items()})
-        global_init = initial_global_adapter(config_dict, r=args.lora_r, alpha=2 * args.lora_r,
-                                             targets=DEFAULT_LORA_TARGETS, seed=seed)
-        for space in args.space_list:
-            config = AggregationConfig(weighting="examples", mode="heteagg", space=space)
-            rows += run_federated(f"heteagg-{space}", models, clients, global_init, config, args, evaluate, seed, None)
-        config = AggregationConfig(weighting="examples", mode="fedavg", space="factors")
-        rows += run_federated("fedavg", models, clients, global_init, config, args, evaluate, seed, groups)
-        if args.local_only:
-            rows += run_local_only(models, clients, global_init, args, evaluate, seed)
-        common.write_csv(args.out / "results.csv", rows, COLUMNS)
-
-    table, stats = render(rows, args, args.depth_list, runs)
-    elapsed = time.time() - started
-    sizes = {f"client{i}": {"depth": d, "examples": len(r)} for i, (d, r) in enumerate(clients)}
-    table += (f"\nClients (depth, examples): {[(d, len(r)) for d, r in clients]}; kept layers: "
-              f"{ {d: list(p.kept_layers) for d, p in plans.items()} }\n"
-              f"\nWall time: {elapsed / 60:.1f} min; versions: {common.versions()}\n")
-    common.write_csv(args.out / "results.csv", rows, COLUMNS)
-    (args.out / "table.md").write_text(table, encoding="utf-8")
-    render_curves(args.out / "curves.png", rows, args.depth_list, runs)
-    out = {"config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-           "clients": sizes, "stats": stats, "wall_seconds": round(elapsed, 1), "versions": common.versions()}
-    (args.out / "results.json").write_text(json.dumps(out, indent=2, default=str), encoding="utf-8")
-    print(json.dumps(out, default=str) if args.json else table)
+    base, tokenizer = load_base_model(model_dir)
+    scores = {}
+    for strategy, _ in args.regime_list:  # scored on the fp32 model, as the product does
+        if strategy in SCORED_STRATEGIES and strategy not in scores:
+            scores[strategy] = compute_layer_scores(base, tokenizer, calibration_passages(), block_sizes={
+                num_layers - d for _, ds in args.regime_list for d in ds if d < num_layers})
+    base.to(device=device, dtype=torch.bfloat16 if precision == "bf16" else torch.float32)
+    data = common.load_task("alpaca", alpaca=args.alpaca, gsm8k_train=None, gsm8k_test=None, heldout=args.heldout,
+                            generate=0, demo_count=max(400, 3 * args.clients_per_depth * args.examples_per_client))
+    groups = len(args.regime_list[0][1])
+    pool = data.train[: groups * args.clients_per_depth * args.examples_per_client]
+    labels = common.category_labels(pool)
+    held = common.tokenize(data.heldout, tokenizer, args.max_len)
+    meta = common.cell_meta(device, precision)
+    models_cache: dict = {}  # kept layers -> PEFT model
+    for number, cell in enumerate(todo, start=1):
+        tick = time.time()
+        name = cell.name(budget)
+        config = cell_config(args, cell, model_dir)
+        common.log(f"[{number}/{len(todo)}] {name}")
+        kept = {d: tuple(range(num_layers)) if d == num_layers else
+                tuple(make_plan(cell.strategy, num_layers, d, scores=scores.get(cell.strategy),
+                                source_model=str(model_dir)).kept_layers) for d in cell.depths}
+        parts = equal_share_split(labels, groups, args.clients_per_depth, args.alpha, cell.seed)
+        clients = [(None, common.tokenize([pool[j] for j in part], tokenizer, args.max_len)) for part in parts]
+        init = initial_global_adapter(config_dict, r=args.lora_r, alpha=2 * args.lora_r,
+                                      targets=DEFAULT_LORA_TARGETS, seed=cell.seed)
+        ctx = {"models": DepthModels(base, kept, args.lora_r, models_cache), "pad_id": tokenizer.pad_token_id,
+               "clients": clients, "held": held, "init": init}
+        checkpoint = args.state_dir / f"{name}.pt"
+        rows, extra = run_cell(cell, ctx, args, checkpoint, config)
+        client_depths = ([cell.depths[0]] * len(clients) if cell.run.mode == "homogeneous"
+                         else [cell.depths[i // args.clients_per_depth] for i in range(len(clients))])
+        for row in rows:
+            row["kept_layers"] = list(kept[row["depth"]])
+            row["clients"] = client_depths.count(row["depth"])
+            row["train_examples"] = sum(len(r) for (_, r), d in zip(clients, client_depths) if d == row["depth"])
+            row["perplexity"] = math.exp(min(row["loss"], 700))
+        cell_out = {
+            "experiment": EXPERIMENT, "run": cell.run.name, "mode": cell.run.mode, "strategy": cell.strategy,
+            "depths": list(cell.depths), "depth": rows, "task": "alpaca",
+            "seed": {"training": cell.seed, "partition": cell.seed},
+            "server_lr": cell.run.server_lr, "mix": cell.run.mix,
+            "budget": {"rounds": args.rounds, "local_steps": args.local_steps,
+                       "optimizer_steps_per_client": args.rounds * args.local_steps,
+                       "examples_per_step": args.batch_size},
+            "heldout_examples": len(held), "client_examples": [len(r) for _, r in clients],
+            "loss_unit": "nats per answer token", "wall_seconds": round(time.time() - tick, 1),
+            "config": config, **meta, **extra,
+        }
+        common.write_cell(args.data_dir / f"{name}.json", cell_out)
+        checkpoint.unlink(missing_ok=True)
+        common.log(f"  done in {cell_out['wall_seconds']:.0f}s: " + ", ".join(
+            f"d={r['depth']} {r['loss']:.3f}" for r in rows))
     return 0
 
 

@@ -25,6 +25,31 @@ def make_delta(global_state: dict, kept_layers, seed: int, scale: float = 0.01) 
             for k in keys_for_layers(global_state, kept_layers)}
 
 
+def header_for(path: Path, round_id: int, num_examples: int, kept, **overrides):
+    """The UploadHeader a well-behaved client would send for the file at `path` (fields overridable)."""
+    from prufed.common.wire import safetensors_index
+    from prufed.v1 import aggregator_pb2 as pb
+
+    fields = dict(round=round_id, total_bytes=path.stat().st_size, num_examples=num_examples, kept_layers=list(kept),
+                  tensors=[pb.TensorInfo(name=n, shape=list(s), dtype=d) for n, s, d in safetensors_index(path)])
+    fields.update(overrides)
+    return pb.UploadHeader(**fields)
+
+
+def raw_upload(client, header, data: bytes, sha: str | None, chunk: int = 4096, timeout: float = 30):
+    """UploadUpdate by hand: header, `data` in chunks, then a trailer with `sha` (None: no trailer)."""
+    from prufed.v1 import aggregator_pb2 as pb
+
+    def stream():
+        yield pb.UploadChunk(header=header)
+        for start in range(0, len(data), chunk):
+            yield pb.UploadChunk(data=data[start:start + chunk])
+        if sha is not None:
+            yield pb.UploadChunk(trailer=pb.UploadTrailer(sha256=sha))
+
+    return client.stub.UploadUpdate(stream(), metadata=client._metadata(), timeout=timeout)
+
+
 def fast_config(**overrides):
     from aggregator.config import AggregatorConfig
 
@@ -34,12 +59,24 @@ def fast_config(**overrides):
     return AggregatorConfig(**values)
 
 
-def start_inprocess(tmp_path: Path, model_dir: Path, config=None, **kwargs):
-    """A real gRPC server on 127.0.0.1:0 over a SQLite file in tmp_path; returns (server, address, store)."""
-    from aggregator.server import create_server
-    from aggregator.store import Store
+def store_args(db_url: str, tmp_path: Path) -> tuple[str, ...]:
+    """`serve`'s blob flags for `db_url`: SQLite keeps blobs beside the file, PostgreSQL in a blob directory."""
+    return () if db_url.startswith("sqlite") else ("--blob-dir", str(tmp_path / "blobs"))
 
-    store = Store(f"sqlite:///{tmp_path / 'agg.db'}")
+
+def make_store(db_url: str, tmp_path: Path):
+    """A `Store` on `db_url` with the blob store `store_args` gives a server."""
+    from aggregator.state import Store
+
+    return Store(db_url, None if db_url.startswith("sqlite") else tmp_path / "blobs")
+
+
+def start_inprocess(tmp_path: Path, model_dir: Path, config=None, db_url: str | None = None, **kwargs):
+    """A real gRPC server on 127.0.0.1:0 over `db_url` (default: a SQLite file in tmp_path); returns
+    (server, address, store)."""
+    from aggregator.server import create_server
+
+    store = make_store(db_url or f"sqlite:///{tmp_path / 'agg.db'}", tmp_path)
     kwargs.setdefault("enroll_tokens", [ENROLL])
     server, port = create_server("127.0.0.1:0", store, config or fast_config(), model_dir=model_dir, **kwargs)
     return server, f"127.0.0.1:{port}", store

@@ -71,3 +71,43 @@ def isolated_cache(tmp_path_factory, monkeypatch):
         monkeypatch.setenv("PRUFED_CACHE", os.environ["PRUFED_TEST_CACHE"])
     else:
         monkeypatch.setenv("PRUFED_CACHE", str(tmp_path_factory.getbasetemp() / "prufed-cache"))
+
+
+# ---- databases: every store / round / fault / concurrency test runs on SQLite and on a real PostgreSQL --------------
+@pytest.fixture(scope="session")
+def postgres_cluster():
+    """One throwaway PostgreSQL cluster per test worker (127.0.0.1 + unix socket), stopped at the end.
+
+    Missing server binaries fail the tests that need them, with the Debian package's name: never a quiet skip."""
+    from postgres_cluster import PostgresCluster, PostgresMissing
+
+    try:
+        cluster = PostgresCluster.start()
+    except PostgresMissing as exc:
+        pytest.fail(str(exc), pytrace=False)
+    yield cluster
+    cluster.stop()
+
+
+_DB_COUNTER = iter(range(1_000_000))
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request, tmp_path) -> str:
+    """A fresh, empty database URL: a SQLite file in tmp_path, or a new database in the session's PostgreSQL."""
+    return request.getfixturevalue("new_db")("agg")
+
+
+@pytest.fixture
+def new_db(request, tmp_path):
+    """`new_db(name) -> URL` of another fresh database on the same back end as `db_url` (SQLite by default)."""
+    callspec = getattr(request.node, "callspec", None)
+    backend = callspec.params.get("db_url", "sqlite") if callspec else "sqlite"
+    cluster = request.getfixturevalue("postgres_cluster") if backend == "postgresql" else None
+
+    def make(name: str) -> str:
+        if cluster is None:
+            return f"sqlite:///{tmp_path / name}.db"
+        return cluster.create_database(f"t{os.getpid()}_{next(_DB_COUNTER)}")
+
+    return make

@@ -131,8 +131,8 @@ def test_three_depths_two_rounds_kill_resume_and_no_data_on_the_wire(tmp_path, t
     from sqlalchemy import select
 
     from aggregator.config import AggregatorConfig
-    from aggregator.rounds import Federation, read_status
-    from aggregator.store import Store, uploads
+    from aggregator.federation import Federation, read_status
+    from aggregator.state import Store, uploads
     from prufed.common.adapter_keys import layer_of
 
     config = write_yaml_config(tmp_path / "agg.yaml", rounds=2, min_clients=3, max_steps=2, seq_len=256,
@@ -184,8 +184,8 @@ def test_three_depths_two_rounds_kill_resume_and_no_data_on_the_wire(tmp_path, t
     status = read_status(store)
     assert status["done"] and status["rounds_closed"] == 2
     assert status["clients_per_depth"] == {3: 1, 4: 1, 6: 1}
-    with store.read() as conn:
-        rows = conn.execute(select(uploads.c.client_id, uploads.c.round)).fetchall()
+    with store.read() as tx:
+        rows = tx.conn.execute(select(uploads.c.client_id, uploads.c.round)).fetchall()
     assert len(rows) == 6 and len(set(rows)) == 6  # exactly one accepted upload per client and round
 
     # the global changed exactly in the layers someone held and is bit-identical elsewhere

@@ -10,34 +10,15 @@ from pathlib import Path
 import grpc
 import pytest
 import torch
-from aggregator_helpers import ENROLL, make_delta, start_inprocess
+from aggregator_helpers import ENROLL, header_for, make_delta, raw_upload, start_inprocess
 
 from edge_client.transport import AggregatorClient, FatalError
 from prufed.common.adapter_format import DELTA_FORMAT, GLOBAL_FORMAT, AdapterMeta, save_adapter
-from prufed.common.wire import safetensors_index
 from prufed.v1 import aggregator_pb2 as pb
 
 # The tests share one server and run in file order (the last checks what all the others left behind), so under
 # pytest-xdist they must stay on one worker: the Makefile runs with --dist loadfile.
 A_LAYERS, B_LAYERS = [0, 1, 2, 3], [0, 4, 7]
-
-
-def header_for(path: Path, round_id: int, num_examples: int, kept, **overrides) -> pb.UploadHeader:
-    fields = dict(round=round_id, total_bytes=path.stat().st_size, num_examples=num_examples, kept_layers=list(kept),
-                  tensors=[pb.TensorInfo(name=n, shape=list(s), dtype=d) for n, s, d in safetensors_index(path)])
-    fields.update(overrides)
-    return pb.UploadHeader(**fields)
-
-
-def raw_upload(client: AggregatorClient, header: pb.UploadHeader, data: bytes, sha: str | None, chunk: int = 4096):
-    def stream():
-        yield pb.UploadChunk(header=header)
-        for start in range(0, len(data), chunk):
-            yield pb.UploadChunk(data=data[start:start + chunk])
-        if sha is not None:
-            yield pb.UploadChunk(trailer=pb.UploadTrailer(sha256=sha))
-
-    return client.stub.UploadUpdate(stream(), metadata=client._metadata(), timeout=30)
 
 
 @pytest.fixture(scope="module")

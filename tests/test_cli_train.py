@@ -42,7 +42,8 @@ def test_train_json_output_and_files(tiny_model_dir, alpaca_jsonl, tmp_path, cap
     assert code == 0
     metrics = json.loads(stdout)  # nothing but JSON on stdout
     kept = make_plan("even-alternate", 8, 3).kept_layers
-    assert tuple(metrics["kept_layers"]) == kept and metrics["depth_choice"] == {"mode": "fixed"}
+    assert tuple(metrics["kept_layers"]) == kept
+    assert metrics["depth_choice"] == {"mode": "fixed", "quant": "fp32", "quant_source": "flag"}
     assert metrics["quant"] == "fp32" and "quant: fp32" in stderr  # the mode is always printed
     assert metrics["num_examples"] == 8 and metrics["num_heldout"] == 2 and len(metrics["train_loss"]) == 3
     assert metrics["eval_before"]["tokens"] == metrics["eval_after"]["tokens"] > 0

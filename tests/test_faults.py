@@ -1,5 +1,5 @@
 """Kill/restart: real server processes SIGKILLed (PRUFED_FAULT hook) mid-upload, after acceptance and mid-close,
-restarted on the same SQLite DB; clients vanishing mid-upload; two replicas racing to close one round."""
+restarted on the same database (SQLite and PostgreSQL); clients vanishing mid-upload; two replicas racing to close one round."""
 
 from __future__ import annotations
 
@@ -10,7 +10,16 @@ import time
 
 import pytest
 import torch
-from aggregator_helpers import ENROLL, ServerProcess, fast_config, make_delta, start_inprocess, write_yaml_config
+from aggregator_helpers import (
+    ENROLL,
+    ServerProcess,
+    fast_config,
+    make_delta,
+    make_store,
+    start_inprocess,
+    store_args,
+    write_yaml_config,
+)
 from sqlalchemy import select
 
 from edge_client.transport import AggregatorClient, TransientError
@@ -43,8 +52,8 @@ def wait_for(predicate, timeout=30.0):
 
 
 def db_rows(store, table):
-    with store.read() as conn:
-        return conn.execute(select(table)).fetchall()
+    with store.read() as tx:
+        return tx.conn.execute(select(table)).fetchall()
 
 
 def reference_global(tmp_path, model_dir, files) -> str:
@@ -71,20 +80,20 @@ def procs():
         proc.kill()
 
 
-def test_kill_at_every_point_then_restart(tmp_path, tiny_model_dir, procs):
-    from aggregator.store import Store, global_versions, rounds, uploads
+def test_kill_at_every_point_then_restart(db_url, tmp_path, tiny_model_dir, procs):
+    from aggregator.state import global_versions, rounds, uploads
 
     (tmp_path / "reference").mkdir()
     global0 = _global0(tmp_path, tiny_model_dir)
     files = {"a": update_file(tmp_path, global0, A_LAYERS, 1, A_EXAMPLES),
              "b": update_file(tmp_path, global0, B_LAYERS, 2, B_EXAMPLES)}
-    expected_sha = reference_global(tmp_path, tiny_model_dir, files)
-    db = f"sqlite:///{tmp_path / 'agg.db'}"
+    expected_sha = reference_global(tmp_path, tiny_model_dir, files)  # on SQLite: both back ends must match it
     config = write_yaml_config(tmp_path / "agg.yaml", **CONFIG)
-    store = Store(db)
+    store = make_store(db_url, tmp_path)
 
     def start(fault=None):
-        procs.append(ServerProcess(db, tiny_model_dir, config, fault=fault))
+        procs.append(ServerProcess(db_url, tiny_model_dir, config, fault=fault,
+                                   extra_args=store_args(db_url, tmp_path)))
         return procs[-1]
 
     # 1. killed mid-upload: the stream is lost, nothing recorded
@@ -136,8 +145,8 @@ def test_kill_at_every_point_then_restart(tmp_path, tiny_model_dir, procs):
 
 
 def _global0(tmp_path, model_dir) -> dict:
-    from aggregator.rounds import Federation
-    from aggregator.store import Store
+    from aggregator.federation import Federation
+    from aggregator.state import Store
 
     store = Store(f"sqlite:///{tmp_path / 'global0.db'}")
     fed = Federation(store, fast_config(**CONFIG))
@@ -169,14 +178,13 @@ def _vanish_mid_upload(client: AggregatorClient, path) -> None:
     release.set()
 
 
-def test_two_replicas_race_to_close(tmp_path, tiny_model_dir, procs):
-    from aggregator.store import Store, global_versions, rounds
+def test_two_replicas_race_to_close(db_url, tmp_path, tiny_model_dir, procs):
+    from aggregator.state import global_versions, rounds
 
-    db = f"sqlite:///{tmp_path / 'agg.db'}"
     config = write_yaml_config(tmp_path / "agg.yaml", rounds=2, min_clients=4, close_lease_s=30.0)
-    procs.append(ServerProcess(db, tiny_model_dir, config))
-    procs.append(ServerProcess(db, tiny_model_dir, config))
-    store = Store(db)
+    store = make_store(db_url, tmp_path)  # first: replicas then start on an existing schema as well as a fresh one
+    for _ in range(2):
+        procs.append(ServerProcess(db_url, tiny_model_dir, config, extra_args=store_args(db_url, tmp_path)))
     clients = []
     layer_sets = [A_LAYERS, B_LAYERS, [1, 2], [4, 5, 6]]
     for i, layers in enumerate(layer_sets):  # alternate replicas: any replica serves any client

@@ -119,7 +119,7 @@ def test_unreachable_server_is_transient():
 
 def test_plaintext_non_loopback_refused(tmp_path, tiny_model_dir):
     from aggregator.server import create_server
-    from aggregator.store import Store
+    from aggregator.state import Store
 
     store = Store(f"sqlite:///{tmp_path / 'agg.db'}")
     with pytest.raises(ConfigError, match="--listen.*without TLS"):

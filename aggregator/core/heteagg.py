@@ -36,13 +36,13 @@ from typing import Any
 
 import torch
 
+from aggregator.core.modes import SINGLE_MODES as MODES
 from aggregator.core.product import lora_modules, refactor, relative_error
 from aggregator.core.robust import clip_scale, trimmed_mean, update_norm
 from prufed.common.adapter_keys import layer_of
 from prufed.common.errors import ConfigError, PrufedError
 
 WEIGHTINGS = ("examples", "uniform")
-MODES = ("heteagg", "fedavg")
 SPACES = ("factors", "product")
 #: float64 elements staged per chunk: 32768 × 8 B = 256 KiB, small enough to stay in L2.
 CHUNK = 32768
@@ -108,6 +108,11 @@ def _accumulate(acc: torch.Tensor, value: torch.Tensor, alpha: float, stage: tor
         flat_acc[start:start + chunk.numel()].add_(staged, alpha=alpha)
 
 
+def mean_step(acc: torch.Tensor, weight: float, server_lr: float) -> torch.Tensor:
+    """server_lr · Σ_k w_k·s_k·Δ_k / Σ_k w_k, in place on the float64 sum `acc` (the one place this is computed)."""
+    return acc.mul_(server_lr / weight)
+
+
 def _difference(expected: set[str], actual: set[str]) -> str:
     missing, extra = sorted(expected - actual), sorted(actual - expected)
     return f"missing {missing[:4]}{' ...' if len(missing) > 4 else ''}, extra {extra[:4]}{' ...' if len(extra) > 4 else ''}"
@@ -150,8 +155,11 @@ class HeteAggregator:
         return modules, ""
 
     # ---- folding in -------------------------------------------------------------------------------------------
-    def add(self, update: Mapping[str, torch.Tensor], num_examples: int, name: str = "") -> None:
+    def add(self, update: Mapping[str, torch.Tensor], num_examples: int, name: str = "",
+            weight: float | None = None) -> None:
         """Fold one update Δ_k (ORIGINAL keys ⊆ the global's) with its example count into the running sums.
+
+        `weight` overrides w_k (e.g. after the server's per-client share cap); default: from `weighting`.
 
         All checks run before anything is folded in, so a refused update leaves the aggregator unchanged.
         In trim mode the update's tensors are kept by reference until `finish`; do not modify them.
@@ -160,7 +168,10 @@ class HeteAggregator:
             raise AggregationError("finish() was already called; start a new HeteAggregator")
         self._check(update, num_examples)
         name = name or f"update{len(self._names)}"
-        weight = float(num_examples) if self.config.weighting == "examples" else 1.0
+        if weight is None:
+            weight = float(num_examples) if self.config.weighting == "examples" else 1.0
+        elif not weight > 0:
+            raise AggregationError(f"weight must be > 0, got {weight!r}")
         scale = 1.0
         if self.config.clip_norm is not None:
             scale = clip_scale(update_norm(update), self.config.clip_norm)
@@ -247,6 +258,18 @@ class HeteAggregator:
         self._products.clear()
         return AggregationResult({key: state[key] for key in self._global}, dict(self._holders), report)
 
+    def take_sums(self) -> dict[str, tuple[torch.Tensor, float]]:
+        """Finish by handing over, per held key, (float64 Σ_k w_k·s_k·Δ_k, Σ_k w_k): the building block of the
+        per-group modes (fedavg_group.py, mixed.py, additive.py). Factors space without trimming only."""
+        if self._finished:
+            raise AggregationError("finish() was already called")
+        if self.config.space != "factors" or self.config.trim_fraction > 0:
+            raise AggregationError("take_sums needs --space factors and no --trim-fraction")
+        self._finished = True
+        self._products.clear()
+        sums, self._sums = self._sums, {}
+        return {key: (acc, self._weights[key]) for key, acc in sums.items()}
+
     def _finish_factors(self) -> dict[str, torch.Tensor]:
         lr = float(self.config.server_lr)
         state = {}
@@ -255,8 +278,7 @@ class HeteAggregator:
             if acc is None:
                 state[key] = reference.clone()
                 continue
-            acc.mul_(lr / self._weights[key]).add_(reference.to(torch.float64))
-            state[key] = acc.to(reference.dtype)
+            state[key] = mean_step(acc, self._weights[key], lr).add_(reference.to(torch.float64)).to(reference.dtype)
         return state
 
     def _finish_trimmed(self) -> dict[str, torch.Tensor]:

@@ -13,18 +13,14 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from prufed.common.adapter_keys import keys_for_layers, layer_of, layers_of_keys
-from prufed.common.errors import PrufedError
-
-#: Rejection codes, one per fault class (the servicer maps each to a status).
-CODES = ("bad_num_examples", "bad_kept_layers", "wrong_keys", "bad_shape", "bad_dtype", "non_finite")
+from prufed.common.refusals import RefusalCode, Refused
 
 
-class UpdateRejected(PrufedError):
-    """A client update that must not be aggregated; `.code` is one of `CODES`, the message names the fault."""
+class UpdateRejected(Refused):
+    """A client update that must not be aggregated; the message starts with its `RefusalCode` and names the fault."""
 
-    def __init__(self, code: str, message: str):
-        self.code = code
-        super().__init__(f"{code}: {message}")
+    def __init__(self, code: RefusalCode, message: str):
+        super().__init__(code, f"{code}: {message}")
 
 
 def _sample(keys: Sequence[str], limit: int = 3) -> str:
@@ -48,13 +44,13 @@ def validate_update(update: Mapping[str, torch.Tensor], *, kept_layers: Sequence
                     global_state: Mapping[str, torch.Tensor], num_examples: int) -> None:
     """Raise `UpdateRejected` unless `update` is a well-formed delta for `kept_layers` of `global_state`."""
     if isinstance(num_examples, bool) or not isinstance(num_examples, int) or num_examples <= 0:
-        raise UpdateRejected("bad_num_examples", f"num_examples must be an int > 0, got {num_examples!r}")
+        raise UpdateRejected(RefusalCode.BAD_NUM_EXAMPLES, f"num_examples must be an int > 0, got {num_examples!r}")
     layers = list(kept_layers)
     if not layers or any(isinstance(i, bool) or not isinstance(i, int) for i in layers) or len(set(layers)) != len(layers):
-        raise UpdateRejected("bad_kept_layers", f"kept_layers must be distinct ints, got {layers!r}")
+        raise UpdateRejected(RefusalCode.BAD_KEPT_LAYERS, f"kept_layers must be distinct ints, got {layers!r}")
     unknown = sorted(set(layers) - set(layers_of_keys(global_state)))
     if unknown:
-        raise UpdateRejected("bad_kept_layers", f"kept_layers {unknown} have no tensors in the global adapter")
+        raise UpdateRejected(RefusalCode.BAD_KEPT_LAYERS, f"kept_layers {unknown} have no tensors in the global adapter")
 
     expected = set(keys_for_layers(global_state, layers))
     missing, extra = sorted(expected - set(update)), sorted(set(update) - expected)
@@ -66,17 +62,18 @@ def validate_update(update: Mapping[str, torch.Tensor], *, kept_layers: Sequence
             foreign = sorted({layer for k in extra if (layer := layer_of(k)) is not None and layer not in layers})
             where = f" (layers {foreign} are not in kept_layers)" if foreign else ""
             parts.append(f"{len(extra)} unexpected{where}: {_sample(extra)}")
-        raise UpdateRejected("wrong_keys", "; ".join(parts))
+        raise UpdateRejected(RefusalCode.WRONG_KEYS, "; ".join(parts))
 
     for key in sorted(expected):
         value, reference = update[key], global_state[key]
         if not isinstance(value, torch.Tensor):
-            raise UpdateRejected("bad_dtype", f"{key} is a {type(value).__name__}, not a tensor")
+            raise UpdateRejected(RefusalCode.BAD_DTYPE, f"{key} is a {type(value).__name__}, not a tensor")
         if value.shape != reference.shape:
-            raise UpdateRejected("bad_shape", f"{key} has shape {list(value.shape)}, global has {list(reference.shape)}")
+            raise UpdateRejected(RefusalCode.BAD_SHAPE,
+                                 f"{key} has shape {list(value.shape)}, global has {list(reference.shape)}")
         if value.dtype != reference.dtype:
-            raise UpdateRejected("bad_dtype", f"{key} has dtype {value.dtype}, global has {reference.dtype}")
+            raise UpdateRejected(RefusalCode.BAD_DTYPE, f"{key} has dtype {value.dtype}, global has {reference.dtype}")
         if not _all_finite(value):
             finite = torch.isfinite(value)
             nan = int(torch.isnan(value).sum())
-            raise UpdateRejected("non_finite", f"{key} has {nan} NaN and {int((~finite).sum()) - nan} infinite values")
+            raise UpdateRejected(RefusalCode.NON_FINITE, f"{key} has {nan} NaN and {int((~finite).sum()) - nan} infinite values")

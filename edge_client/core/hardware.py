@@ -16,10 +16,10 @@ from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from edge_client.core.memory import QUANT_MODES
 from prufed.common.errors import ConfigError
 
 ACCELERATORS = ("cuda", "cpu")
-QUANT_MODES = ("nf4", "int8", "bf16", "fp32")  # same names as edge_client.model.QUANT_MODES (kept torch-free here)
 GIB = 2**30
 #: Fraction of the *currently free* memory a probed device may use: free memory is already net of the OS.
 PROBE_BUDGET_FRACTION = 0.9
@@ -45,6 +45,7 @@ class HardwareSpec:
     compute_capability: str | None
     bnb_4bit: bool  #: bitsandbytes 4-bit kernels usable here
     budget_fraction: float = PROBE_BUDGET_FRACTION
+    cpu_bf16: bool | None = None  #: the CPU multiplies bf16 natively (AMX / AVX512-BF16); None = unknown (a profile)
     default_quant: str = "nf4"
     system_ram_bytes: int | None = None
     system_available_bytes: int | None = None

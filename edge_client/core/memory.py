@@ -39,7 +39,8 @@ from prufed.common.errors import ConfigError, PrufedError
 
 MIB = 2**20
 GIB = 2**30
-QUANT_MODES = ("nf4", "int8", "bf16", "fp32")
+QUANT_MODES = ("nf4", "int8", "bf16", "fp32")  #: THE list of weight precisions (every flag and check uses it)
+QUANT_CHOICES = ("auto", *QUANT_MODES)  #: what --quant accepts; edge_client.planning resolves "auto"
 OPTIMIZERS = ("adamw", "sgd")
 ACCELERATORS = ("cpu", "cuda")
 

@@ -1,7 +1,8 @@
 """The `prufed` command line: maps subcommands to functions, nothing else.
 
 Each command module exposes `register(subparsers)` and keeps heavy imports (torch, transformers) inside its
-handlers, so `prufed --help` is instant and `prufed generate --onnx` never imports torch.
+handlers, so `prufed --help` is instant and `prufed generate --onnx` never imports torch. A command whose role
+extra is not installed stops here with the pip command that installs it (`prufed.cli.extras`), exit 2.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import sys
 from collections.abc import Sequence
 
 from prufed import __version__
+from prufed.cli.extras import COMMAND_EXTRAS, install_hint, missing_extras, missing_extras_message
 from prufed.common.errors import PrufedError
 
 COMMAND_MODULES: tuple[str, ...] = (
@@ -23,7 +25,9 @@ COMMAND_MODULES: tuple[str, ...] = (
     "prufed.cli.edge",  # edge run
     "prufed.cli.simulate",  # simulate
     "prufed.cli.onnx",  # export-onnx, generate
+    "prufed.cli.doctor",  # doctor
 )
+FIRST_PARTY = ("prufed", "edge_client", "aggregator")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,10 +46,22 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    extras = COMMAND_EXTRAS.get(args.command, ())
+    missing = missing_extras(extras)
+    if missing:
+        print(f"error: {missing_extras_message(args.command, missing)}", file=sys.stderr)
+        return 2
     try:
         return int(args.func(args) or 0)
     except PrufedError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as exc:
+        # Reached only without installed metadata (a source checkout on PYTHONPATH) or a broken environment.
+        if exc.name is None or exc.name.partition(".")[0] in FIRST_PARTY:
+            raise
+        hint = install_hint(extras) if extras else "pip install --force-reinstall prufed"
+        print(f"error: {exc.name} is not installed; `prufed {args.command}` needs {hint}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -7,11 +7,14 @@ import sys
 from pathlib import Path
 
 from prufed.cli.help import HelpFormatter
+from prufed.cli.modes import add_mode_arguments
 from prufed.common.errors import ConfigError
 
 SERVE_EPILOG = """example:
   prufed aggregator serve --listen 127.0.0.1:50051 --db sqlite:///runs/agg.db --model smollm2-135m \\
       --enroll-token "$(cat enroll.txt)" --rounds 3 --metrics-port 9100
+  # one global per depth group, blended with every holder's mean per layer:
+  prufed aggregator serve --db sqlite:///runs/agg.db --enroll-token "$(cat enroll.txt)" --mode mixed --mix auto
   # on a VM: --listen 0.0.0.0:50051 --tls-cert server.crt --tls-key server.key [--tls-client-ca ca.crt]
 """
 STATUS_EPILOG = """example:
@@ -45,10 +48,14 @@ def register(subparsers) -> None:
     serve.add_argument("--enroll-token", default=None, help="token that gates Register")
     serve.add_argument("--tokens-file", default=None, help="file with one enrolment token per line")
     serve.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics on this port")
+    serve.add_argument("--dashboard", default=None, metavar="HOST:PORT",
+                       help="serve a live page of rounds, depths, losses, traffic and refusals (e.g. 127.0.0.1:8080); "
+                            "off loopback it needs --tls-cert/--tls-key and an enrolment token")
     for name in OVERRIDES:
         kind = float if name in ("clients_fraction", "quorum_fraction", "deadline_s", "max_upload_mib") else int
         serve.add_argument(f"--{name.replace('_', '-')}", dest=name, type=kind, default=None,
                            help=f"override the config field {name}")
+    add_mode_arguments(serve, default=None)
     serve.set_defaults(func=serve_command)
 
     status = sub.add_parser("status", help="print the federation state from the database", formatter_class=fmt,
@@ -84,7 +91,7 @@ def serve_command(args) -> int:
 
     from aggregator.config import load_config
     from aggregator.server import TLSConfig, configure_json_logging, create_server
-    from aggregator.store import Store
+    from aggregator.state import Store
     from prufed.common.models import resolve_model
 
     if (args.tls_cert is None) != (args.tls_key is None):
@@ -94,16 +101,28 @@ def serve_command(args) -> int:
     if args.metrics_port is not None and not 0 < args.metrics_port < 65536:
         raise ConfigError("--metrics-port", f"must be in 1..65535, got {args.metrics_port}")
     tokens = _enroll_tokens(args)
-    config = load_config(args.config, {name: getattr(args, name) for name in OVERRIDES})
+    config = load_config(args.config, {name: getattr(args, name) for name in (*OVERRIDES, "mode", "mix")})
     tls = TLSConfig(Path(args.tls_cert), Path(args.tls_key),
                     Path(args.tls_client_ca) if args.tls_client_ca else None) if args.tls_cert else None
     configure_json_logging()
+    dashboard = None
+    if args.dashboard is not None:
+        from aggregator.dashboard import DashboardConfig, parse_address
+
+        dash_host, dash_port = parse_address(args.dashboard)
+        from prufed.common.net import is_loopback_host
+
+        # Open on loopback; elsewhere the page asks for the enrolment token, as Status does.
+        dashboard = DashboardConfig(dash_host, dash_port, token=None if is_loopback_host(dash_host) else tokens[0],
+                                    tls_cert=args.tls_cert, tls_key=args.tls_key)
     model_dir = resolve_model(args.model)
     store = Store(args.db, args.blob_dir)
     server, port = create_server(args.listen, store, config, tls, enroll_tokens=tokens, insecure=args.insecure,
-                                 model_dir=model_dir, metrics_port=args.metrics_port)
+                                 model_dir=model_dir, metrics_port=args.metrics_port, dashboard=dashboard)
     host = args.listen.rpartition(":")[0]
     print(f"listening on {host}:{port}", file=sys.stderr, flush=True)
+    if server.dashboard is not None:
+        print(f"dashboard on {server.dashboard.url}", file=sys.stderr, flush=True)
 
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -116,8 +135,8 @@ def serve_command(args) -> int:
 
 
 def status_command(args) -> int:
-    from aggregator.rounds import read_status
-    from aggregator.store import Store
+    from aggregator.federation import read_status
+    from aggregator.state import Store
 
     db = args.db
     if db.startswith("sqlite:///"):

@@ -5,12 +5,12 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from edge_client.core.memory import QUANT_CHOICES
 from edge_client.core.pruning import DEFAULT_STRATEGY, STRATEGIES, parse_protect
 from prufed.cli.help import HelpFormatter
 from prufed.common.errors import ConfigError
 from prufed.common.models import DEFAULT_MODEL
 
-QUANT_CHOICES = ("auto", "nf4", "int8", "bf16", "fp32")
 EPILOG = """examples:
   prufed edge run --aggregator agg.example.org:50051 --tls-ca ca.crt --token "$(cat enroll.txt)" \\
       --data my_private.jsonl --depth auto --state-dir ~/.prufed/agent
@@ -46,9 +46,13 @@ def register(subparsers) -> None:
     group.add_argument("--profile", default=None, help="emulate this hardware profile (hardware_profiles/NAME.yaml)")
     group.add_argument("--budget-gib", type=float, default=None, help="emulate this training memory budget in GiB")
     run.add_argument("--quant", default="auto", choices=QUANT_CHOICES,
-                     help="weight precision; auto = nf4 when bitsandbytes works, else fp32")
+                     help="weight precision; auto = on a CPU the fastest that fits the budget (bf16 where the "
+                     "CPU has native bf16, else fp32), on a GPU nf4, with --profile its default_quant")
     run.add_argument("--model", default=DEFAULT_MODEL, help="base model alias or local HF directory (unpruned)")
     run.add_argument("--max-examples", type=int, default=None, help="use at most this many local examples")
+    run.add_argument("--eval-examples", type=int, default=16,
+                     help="hold out up to this many local examples (at most 10%%) to score each downloaded global "
+                          "before training; the loss and count go with the upload (0: no federated evaluation)")
     run.add_argument("--seed", type=int, default=0, help="seed for data order and the demo data")
     run.add_argument("--name", default="", help="a display name sent at registration")
     run.add_argument("--no-gradient-checkpointing", action="store_true",
@@ -83,6 +87,8 @@ def build_config(args):
         raise ConfigError("--budget-gib", f"must be a positive number of GiB, got {args.budget_gib}")
     if args.max_examples is not None and args.max_examples < 1:
         raise ConfigError("--max-examples", f"must be >= 1, got {args.max_examples}")
+    if args.eval_examples < 0:
+        raise ConfigError("--eval-examples", f"must be >= 0, got {args.eval_examples}")
     if args.data is not None and not Path(args.data).is_file():
         raise ConfigError("--data", f"{args.data}: no such file")
     if args.tls_ca is not None and not Path(args.tls_ca).is_file():
@@ -95,7 +101,8 @@ def build_config(args):
         aggregator=args.aggregator, state_dir=Path(args.state_dir).expanduser(), enroll_token=args.token,
         model=args.model, data=args.data, depth=_depth(args.depth), strategy=args.strategy,
         protect=parse_protect(args.protect), profile=args.profile, budget_gib=args.budget_gib, quant=args.quant,
-        tls_ca=args.tls_ca, max_examples=args.max_examples, seed=args.seed, name=args.name,
+        tls_ca=args.tls_ca, max_examples=args.max_examples, eval_examples=args.eval_examples, seed=args.seed,
+        name=args.name,
         gradient_checkpointing=not args.no_gradient_checkpointing,
         backoff=BackoffPolicy(args.retry_base, args.retry_cap, args.retry_attempts), verbose=args.verbose)
 

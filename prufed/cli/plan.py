@@ -12,7 +12,7 @@ import sys
 from importlib import resources
 from pathlib import Path
 
-from edge_client.core.memory import ACCELERATORS, MIB, OPTIMIZERS, QUANT_MODES, TARGET_SHAPES
+from edge_client.core.memory import ACCELERATORS, MIB, OPTIMIZERS, QUANT_CHOICES, TARGET_SHAPES
 from edge_client.core.pruning import DEFAULT_STRATEGY, POSITIONAL_STRATEGIES, STRATEGIES
 from prufed.cli.help import HelpFormatter
 from prufed.common.errors import ConfigError
@@ -57,19 +57,22 @@ def register(subparsers) -> None:
                         + ", ".join(builtin_configs()))
     target = plan.add_mutually_exclusive_group()
     target.add_argument("--profile", default=None, help="hardware profile name (see hardware_profiles/*.yaml)")
-    target.add_argument("--budget-gib", type=float, default=None, help="explicit memory budget in GiB")
+    target.add_argument("--budget-gib", type=float, default=None,
+                        help="explicit memory budget in GiB, on this machine's accelerator (see --accelerator)")
     target.add_argument("--this-device", action="store_true", help="probe this machine and use its budget")
     target.add_argument("--all-profiles", action="store_true",
                         help="table of the chosen depth per hardware profile (the default when no target is given)")
-    plan.add_argument("--accelerator", choices=ACCELERATORS, default="cpu",
-                      help="where the budget lives, for --budget-gib (cuda: count the CUDA context, not Python)")
+    plan.add_argument("--accelerator", choices=ACCELERATORS, default=None,
+                      help="where the budget lives, for --budget-gib (cuda: count the CUDA context, not Python); "
+                      "default: this machine's")
     plan.add_argument("--seq-len", type=int, default=256, help="tokens per training example")
     plan.add_argument("--batch", type=int, default=1, help="examples per micro-batch")
     plan.add_argument("--lora-r", type=int, default=8, help="LoRA rank")
     plan.add_argument("--lora-targets", default="q_proj,v_proj",
                       help=f"comma-separated LoRA target modules from {', '.join(TARGET_SHAPES)}")
-    plan.add_argument("--quant", default="auto", choices=("auto", *QUANT_MODES),
-                      help="weight precision; auto = the profile's default_quant (nf4 for --budget-gib)")
+    plan.add_argument("--quant", default="auto", choices=QUANT_CHOICES,
+                      help="weight precision; auto = a profile's default_quant, on this machine's CPU the fastest "
+                      "precision that fits, on its GPU nf4 (the same rule as `prufed train` and `prufed edge run`)")
     plan.add_argument("--optimizer", default="adamw", choices=OPTIMIZERS, help="optimizer whose state is counted")
     plan.add_argument("--no-grad-ckpt", action="store_true", help="plan without gradient checkpointing")
     plan.add_argument("--strategy", default=DEFAULT_STRATEGY, choices=STRATEGIES, metavar="S",
@@ -130,35 +133,41 @@ def load_plan_config(model: str | None, config: str | None) -> tuple[str, dict]:
     return spec, read_model_config(path)
 
 
-def _setup(args, quant: str, accelerator: str, unified: bool):
+def _setup(args):
+    """The training setup flags; the planner fills in the device and the precision."""
     from edge_client.core.memory import TrainingSetup
 
     targets = tuple(t.strip() for t in args.lora_targets.split(",") if t.strip())
     return TrainingSetup(seq_len=args.seq_len, batch=args.batch, lora_r=args.lora_r, lora_targets=targets,
-                         quant=quant, gradient_checkpointing=not args.no_grad_ckpt, optimizer=args.optimizer,
-                         accelerator=accelerator, unified_memory=unified)
+                         gradient_checkpointing=not args.no_grad_ckpt, optimizer=args.optimizer)
 
 
-def _plan_one(config: dict, budget: int, setup, strategy: str) -> dict:
-    """Depth, kept layers and breakdown for one budget; `depth` None when nothing fits."""
-    from edge_client.core.memory import BudgetTooSmall, plan_depth
+def plan_row(config: dict, spec, setup, quant: str, strategy: str) -> dict:
+    """Depth, precision, kept layers and breakdown of `edge_client.planning.plan_training` on one device;
+    `depth` None when nothing fits. The README's planner table is built from these rows."""
+    from edge_client.core.memory import BudgetTooSmall
     from edge_client.core.pruning import make_plan
+    from edge_client.planning import auto_quant_candidates, plan_training
 
     num_layers = int(config["num_hidden_layers"])
-    result: dict = {"budget_bytes": budget, "quant": setup.quant, "accelerator": setup.accelerator,
-                    "num_layers": num_layers, "strategy": strategy}
+    result: dict = {"budget_bytes": spec.budget_bytes, "accelerator": spec.accelerator,
+                    "unified_memory": spec.unified_memory, "num_layers": num_layers, "strategy": strategy}
     try:
-        plan = plan_depth(config, budget, setup)
+        planned = plan_training(config, spec, setup, quant=quant, depth="auto")
     except BudgetTooSmall as exc:
-        return {**result, "depth": None, "kept_layers": None, "error": str(exc), "needed_bytes": exc.needed_bytes}
-    result.update(depth=plan.depth, breakdown=plan.breakdown.to_json_dict(),
-                  totals_by_depth=plan.to_json_dict()["totals_by_depth"])
+        tried = quant if quant != "auto" else "/".join(auto_quant_candidates(spec))
+        return {**result, "quant": tried, "depth": None, "kept_layers": None, "error": str(exc),
+                "needed_bytes": exc.needed_bytes}
+    assert planned.depth_plan is not None
+    result.update(quant=planned.quant, quant_source=planned.quant_source, depth=planned.depth,
+                  breakdown=planned.breakdown.to_json_dict(),
+                  totals_by_depth=planned.depth_plan.to_json_dict()["totals_by_depth"])
     if strategy in POSITIONAL_STRATEGIES:
-        result["kept_layers"] = list(make_plan(strategy, num_layers, plan.depth).kept_layers)
+        result["kept_layers"] = list(make_plan(strategy, num_layers, planned.depth).kept_layers)
     else:
         result["kept_layers"] = None
         result["note"] = (f"{strategy!r} chooses layers from scores on calibration text, which needs the weights: "
-                          f"run `prufed layers --keep {plan.depth}` or `prufed prune --strategy {strategy}`")
+                          f"run `prufed layers --keep {planned.depth}` or `prufed prune --strategy {strategy}`")
     return result
 
 
@@ -171,41 +180,32 @@ def _check_args(args) -> None:
 
 
 def cmd_plan(args) -> int:
-    from edge_client.hardware_profiles import get_profile, load_profiles
+    from dataclasses import replace
+
+    from edge_client.core.memory import ModelShape
+    from edge_client.hardware_profiles import load_profiles
+    from edge_client.planning import device_spec
 
     _check_args(args)
     label, config = load_plan_config(args.model, args.config)
-    from edge_client.core.memory import ModelShape
-
     ModelShape.from_config(config)  # a config missing a planner field fails here, naming the field
-    if args.profile is not None:
-        profile = get_profile(args.profile)
-        quant = profile.default_quant if args.quant == "auto" else args.quant
-        setup = _setup(args, quant, profile.accelerator, profile.unified_memory)
-        result = {"model": label, "target": f"profile {profile.name}", "profile": profile.name,
-                  **_plan_one(config, profile.budget_bytes, setup, args.strategy)}
+    setup = _setup(args)
+    if args.profile is not None or args.budget_gib is not None or args.this_device:
+        spec = device_spec(args.profile, args.budget_gib)
+        if args.budget_gib is not None and args.accelerator not in (None, spec.accelerator):
+            spec = replace(spec, accelerator=args.accelerator, unified_memory=False)
+        if args.profile is not None:
+            target = f"profile {args.profile}"
+        elif args.budget_gib is not None:
+            target = f"budget {args.budget_gib} GiB"
+        else:
+            target = f"this device ({spec.name}, nearest {spec.nearest_profile})"
+        result = {"model": label, "target": target, **({"profile": args.profile} if args.profile else {}),
+                  **plan_row(config, spec, setup, args.quant, args.strategy)}
         return _print_single(args, result)
-    if args.budget_gib is not None:
-        quant = "nf4" if args.quant == "auto" else args.quant
-        setup = _setup(args, quant, args.accelerator, False)
-        result = {"model": label, "target": f"budget {args.budget_gib} GiB",
-                  **_plan_one(config, int(args.budget_gib * GIB), setup, args.strategy)}
-        return _print_single(args, result)
-    if args.this_device:
-        from edge_client.profiling import profile_device
-
-        spec = profile_device()
-        quant = spec.default_quant if args.quant == "auto" else args.quant
-        setup = _setup(args, quant, spec.accelerator, spec.unified_memory)
-        result = {"model": label, "target": f"this device ({spec.name}, nearest {spec.nearest_profile})",
-                  **_plan_one(config, spec.budget_bytes, setup, args.strategy)}
-        return _print_single(args, result)
-    rows = []
-    for profile in load_profiles().values():
-        quant = profile.default_quant if args.quant == "auto" else args.quant
-        setup = _setup(args, quant, profile.accelerator, profile.unified_memory)
-        rows.append({"profile": profile.name, "memory_gib": profile.memory_gib,
-                     **_plan_one(config, profile.budget_bytes, setup, args.strategy)})
+    rows = [{"profile": name, "memory_gib": profile.memory_gib,
+             **plan_row(config, device_spec(name), setup, args.quant, args.strategy)}
+            for name, profile in load_profiles().items()]
     return _print_table(args, label, config, rows)
 
 

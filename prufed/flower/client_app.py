@@ -47,7 +47,7 @@ from prufed.flower.records import (
 #: Run-config defaults of the ClientApp (flwr run: [tool.flwr.app.config] overrides them).
 CLIENT_DEFAULTS: dict[str, Any] = {"model": "", "pruning-strategy": DEFAULT_STRATEGY, "depths": "", "profiles": "",
                                    "client-ids": "", "quant": "auto", "seed": 0, "data-dir": "", "max-examples": 0,
-                                   "gradient-checkpointing": True, "threads": 0}
+                                   "eval-examples": 16, "gradient-checkpointing": True, "threads": 0}
 STATE_KEY = "prufed-plan"
 
 @dataclass(frozen=True)
@@ -91,42 +91,53 @@ def node_settings(run_config: Mapping[str, Any], node_config: Mapping[str, Any])
         data=str(data) if data else None, depth=depth, strategy=str(config["pruning-strategy"]), profile=profile,
         budget_gib=float(budget) if budget is not None else None, quant=str(config["quant"]),
         max_examples=int(config["max-examples"]) or None, seed=int(config["seed"]) + client_id,
+        eval_examples=int(config["eval-examples"]),
         gradient_checkpointing=bool(config["gradient-checkpointing"]), verbose=False)
     return NodeSettings(client_id, agent, int(config["threads"]))
 
-def node_plan(settings: NodeSettings, context: Context) -> PruningPlan:
-    """This node's pruning plan: made once (profile -> memory planner, or a fixed depth), then read from state."""
+def node_plan(settings: NodeSettings, context: Context) -> tuple[PruningPlan, dict]:
+    """This node's pruning plan and depth choice (with the precision it planned for): made once (profile ->
+    memory planner, or a fixed depth), then read from the node's state."""
     stored = context.state.get(STATE_KEY)
     if stored is not None:
-        return PruningPlan.from_json_dict(json.loads(str(stored[PLAN])))
-    plan, _choice = plan_layers(settings.agent, hardware_spec(settings.agent))
-    context.state[STATE_KEY] = ConfigRecord({PLAN: json.dumps(plan.to_json_dict())})
-    return plan
+        return PruningPlan.from_json_dict(json.loads(str(stored[PLAN]))), json.loads(str(stored["choice"]))
+    plan, choice = plan_layers(settings.agent, hardware_spec(settings.agent))
+    context.state[STATE_KEY] = ConfigRecord({PLAN: json.dumps(plan.to_json_dict()), "choice": json.dumps(choice)})
+    return plan, choice
 
 def train(msg: Message, context: Context, run_config: Mapping[str, Any]) -> Message:
-    """One TRAIN task: load the global slice into the pruned model, train, reply Δ of the kept layers."""
+    """One TRAIN task: score the received global on the node's held-out examples (federated evaluation, as the
+    agent does before training), train on the rest, reply Δ of the kept layers."""
     import torch
 
+    from edge_client.federated_eval import heldout_split, score_global
     from edge_client.train import train_local
     from prufed.common.adapter_format import load_adapter
 
     settings = node_settings(run_config, context.node_config)
     if settings.threads:
         torch.set_num_threads(settings.threads)
-    plan = node_plan(settings, context)
+    plan, choice = node_plan(settings, context)
     hyper, lora = task_hyper(msg.content[CONFIG])
     round_id = int(msg.content[CONFIG].get("server-round", 1))
-    config = task_train_config(settings.agent, plan.kept_layers, hyper, lora, checkpoint_every=0)
-    examples = load_private_examples(settings.agent)
+    config = task_train_config(settings.agent, plan.kept_layers, hyper, lora, checkpoint_every=0,
+                               quant=choice.get("quant", settings.agent.quant))
+    examples, heldout = heldout_split(load_private_examples(settings.agent), settings.agent.eval_examples,
+                                      settings.agent.seed)
+    global_state = to_state(msg.content[ARRAYS])
+    scored = score_global(settings.agent.model, plan, global_state, heldout, seq_len=config.seq_len, lora=lora,
+                          quant=settings.agent.quant) if heldout else None
     with tempfile.TemporaryDirectory(prefix="prufed-flower-") as workdir:
-        result = train_local(config, workdir, global_adapter=to_state(msg.content[ARRAYS]),
+        result = train_local(config, workdir, global_adapter=global_state,
                              examples=rotate(examples, round_id, config.max_steps * config.batch_size),
                              round=round_id)
         delta, _meta = load_adapter(result.update_path)
     losses = result.metrics["train_loss"]
     metrics = MetricRecord({NUM_EXAMPLES: result.num_examples, "train-loss": sum(losses) / len(losses),
                             "train-seconds": float(result.metrics["train_seconds"]),
-                            "train-wall-s": float(result.metrics["wall_time_s"]), "depth": plan.depth})
+                            "train-wall-s": float(result.metrics["wall_time_s"]), "depth": plan.depth,
+                            "eval-loss": scored.loss if scored else 0.0,  # eval-examples 0: nothing scored
+                            "eval-examples": scored.examples if scored else 0})
     prufed = ConfigRecord({KEPT_LAYERS: list(plan.kept_layers), PLAN: json.dumps(plan.to_json_dict()),
                            PARTITION: int(context.node_config.get(PARTITION, -1))})
     content = RecordDict({ARRAYS: to_array_record(delta), METRICS: metrics, PRUFED: prufed})

@@ -22,7 +22,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from prufed.common.errors import PrufedError
+from prufed.common.errors import ConfigError, PrufedError
 from prufed.simulation.run import ClientSpec, DepthEvaluator, FederationRun, SimulationConfig, _evaluate, save_global
 
 #: Ray reads this at import: 0 = a local-only cluster whose node IP is 127.0.0.1 (Ray's default on macOS/Windows).
@@ -47,7 +47,7 @@ def run_configs(config: SimulationConfig, model: str, clients: Sequence[ClientSp
               "depths": ",".join(depth for depth, _ in emulation),
               "profiles": ",".join(profile for _, profile in emulation),
               "client-ids": ",".join(str(spec.index) for spec in clients),
-              "data-dir": str(clients[0].data_path.parent.parent),
+              "data-dir": str(clients[0].data_path.parent.parent), "eval-examples": config.eval_examples,
               "gradient-checkpointing": config.gradient_checkpointing, "threads": config.child_threads}
     return server, client
 
@@ -58,6 +58,12 @@ def _row(record: dict, clients: Sequence[ClientSpec], heldout: dict[int, float])
     per_depth: dict[int, list[float]] = {}
     for entry in entries:
         per_depth.setdefault(len(entry["kept_layers"]), []).append(float(entry["metrics"]["train-loss"]))
+    evals: dict[int, list[tuple[int, float]]] = {}
+    for entry in entries:
+        if int(entry["metrics"]["eval-examples"]) > 0:
+            evals.setdefault(len(entry["kept_layers"]), []).append(
+                (int(entry["metrics"]["eval-examples"]), float(entry["metrics"]["eval-loss"])))
+    evals = dict(sorted(evals.items(), reverse=True))
     seconds = float(record["closed"] - record["started"])
     slowest = max((float(e["metrics"]["train-wall-s"]) for e in entries), default=0.0)
     losses = [float(e["metrics"]["train-loss"]) for e in entries]
@@ -72,6 +78,10 @@ def _row(record: dict, clients: Sequence[ClientSpec], heldout: dict[int, float])
         "slowest_step_s": max((float(e["metrics"]["train-seconds"]) for e in entries), default=0.0),
         "overhead": (seconds - slowest) / seconds if seconds > 0 else None,
         "updates": len(entries), "examples": sum(int(e["num_examples"]) for e in entries),
+        # the clients' own held-out loss of the global the round started from, example-weighted per depth
+        "federated_eval": {d: sum(n * loss for n, loss in v) / sum(n for n, _ in v) for d, v in evals.items()},
+        "federated_eval_examples": {d: sum(n for n, _ in v) for d, v in evals.items()},
+        "groups": [],
     }
 
 
@@ -87,11 +97,15 @@ def _start_loopback_ray_env() -> None:
 
 
 def run_flower_federation(name: str, config: SimulationConfig, model: str, clients: Sequence[ClientSpec], out: Path,
-                          evaluator: DepthEvaluator, *, mode: str = "heteagg",
+                          evaluator: DepthEvaluator, *, mode: str,
                           on_row: Callable[[dict], None] | None = None) -> FederationRun:
     """Run the rounds on Flower's Ray engine, evaluate and save every global version, return the rows."""
     _start_loopback_ray_env()
-    from flwr.simulation import run_simulation
+    try:
+        from flwr.simulation import run_simulation
+    except ImportError as exc:
+        raise ConfigError("--engine", f"flower needs the Flower extra ({exc.name} is missing): "
+                                      "pip install 'prufed[flower]'") from None
 
     from prufed.flower.client_app import make_client_app
     from prufed.flower.records import to_state
@@ -122,7 +136,7 @@ def run_flower_federation(name: str, config: SimulationConfig, model: str, clien
             return None
         while pending:
             done, global_state = pending.pop(0)
-            losses = _evaluate(evaluator, clients, global_state)
+            losses = _evaluate(evaluator, clients, lambda _group, state=global_state: state)
             if done == 0:
                 run.eval_round0 = losses
                 row = {"round": 0, "heldout_loss": losses}

@@ -33,6 +33,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from edge_client.core.memory import QUANT_CHOICES
 from edge_client.core.pruning import DEFAULT_STRATEGY
 from prufed.common.errors import ConfigError, PrufedError
 
@@ -66,6 +67,9 @@ class SimulationConfig:
     seed: int = 0
     model: str | None = None
     baseline: str | None = None  #: None | "homogeneous"
+    mode: str = "heteagg"  #: aggregation mode of the federation (aggregator/core/modes.py)
+    mix: float | str | None = None  #: --mix for mixed/additive (None: auto)
+    eval_examples: int = 4  #: examples each agent holds out for federated evaluation (0: none)
     engine: str = "prufed"  #: "prufed" (aggregator + agent processes) | "flower" (Flower's Ray simulation engine)
     deadline_s: float = 900.0
     timeout_s: float = 3600.0  #: give up (and clean up) after this long
@@ -96,10 +100,18 @@ class SimulationConfig:
             raise ConfigError("--lr", f"must be > 0, got {self.lr}")
         if self.baseline not in (None, "homogeneous"):
             raise ConfigError("--baseline", f"must be 'homogeneous', got {self.baseline!r}")
+        if self.quant not in QUANT_CHOICES:
+            raise ConfigError("--quant", f"must be one of {', '.join(QUANT_CHOICES)}, got {self.quant!r}")
+        from aggregator.core.modes import SINGLE_MODES, check_mode
+
+        object.__setattr__(self, "mix", check_mode(self.mode, self.mix))
+        if self.eval_examples < 0:
+            raise ConfigError("--eval-examples", f"must be >= 0, got {self.eval_examples}")
         if self.engine not in ENGINES:
             raise ConfigError("--engine", f"must be one of {', '.join(ENGINES)}, got {self.engine!r}")
-        if self.quant not in ("auto", "nf4", "int8", "bf16", "fp32"):
-            raise ConfigError("--quant", f"unknown mode {self.quant!r}")
+        if self.engine == "flower" and self.mode not in SINGLE_MODES:
+            raise ConfigError("--engine", f"flower runs the single-global modes ({', '.join(SINGLE_MODES)}); "
+                                          f"--mode {self.mode} keeps per-group globals: use --engine prufed")
 
 
 @dataclass
@@ -120,6 +132,7 @@ class FederationRun:
     name: str
     rows: list[dict] = field(default_factory=list)
     eval_round0: dict[int, float] = field(default_factory=dict)
+    groups: list[dict] = field(default_factory=list)  #: per-group modes: the last version's group globals
     clients: list[dict] = field(default_factory=list)
     aggregator_totals: dict = field(default_factory=dict)
     wall_s: float = 0.0
@@ -166,6 +179,16 @@ def write_shards(config: SimulationConfig, train: Sequence, out: Path) -> list[C
             args = ["--depth", "auto", "--profile", config.profiles[index % len(config.profiles)]]
         specs.append(ClientSpec(index, args, path, len(shard), dict(sorted(counts.items(), key=lambda kv: -kv[1]))))
     return specs
+
+
+def agent_args(config: SimulationConfig, spec: ClientSpec, address: str, token: str, model: str, name: str) -> list[str]:
+    """The `prufed edge run ...` arguments of one client: its depth (or profile, planned by the agent itself
+    through edge_client.planning, like `prufed plan`) and the federation's settings."""
+    args = ["edge", "run", "--aggregator", address, f"--token={token}", "--data", str(spec.data_path),
+            "--strategy", config.strategy, "--state-dir", str(spec.state_dir), "--quant", config.quant,
+            "--model", model, "--seed", str(config.seed + spec.index), "--name", f"{name}-client-{spec.index}",
+            "--retry-attempts", "20", "--eval-examples", str(config.eval_examples), *spec.args]
+    return args if config.gradient_checkpointing else [*args, "--no-gradient-checkpointing"]
 
 
 # ---- processes --------------------------------------------------------------------------------------------------
@@ -284,19 +307,20 @@ class DepthEvaluator:
 def aggregator_yaml(config: SimulationConfig, num_clients: int, mode: str) -> dict:
     return {"rounds": config.rounds, "min_clients": num_clients, "clients_fraction": 1.0, "quorum_fraction": 1.0,
             "deadline_s": config.deadline_s, "retry_after_s": 0.25, "seed": config.seed, "mode": mode,
+            "mix": config.mix if mode == config.mode else None,
             "lora_r": config.lora_r, "lora_alpha": config.lora_alpha, "max_steps": config.local_steps,
             "lr": config.lr, "batch_size": config.batch_size, "seq_len": config.seq_len}
 
 
 def run_federation(name: str, config: SimulationConfig, model: str, clients: Sequence[ClientSpec], out: Path,
-                   evaluator: DepthEvaluator, *, mode: str = "heteagg",
+                   evaluator: DepthEvaluator, *, mode: str,
                    on_row: Callable[[dict], None] | None = None) -> FederationRun:
     """Start an aggregator and one agent per client, follow the rounds to the end, evaluate every global version."""
     import yaml
 
     from aggregator.config import AggregatorConfig
-    from aggregator.rounds import Federation, read_status
-    from aggregator.store import Store
+    from aggregator.federation import Federation, read_status
+    from aggregator.state import Store
 
     out.mkdir(parents=True, exist_ok=True)
     token = secrets.token_urlsafe(18)  # may start with "-": passed as --flag=value
@@ -325,12 +349,7 @@ def run_federation(name: str, config: SimulationConfig, model: str, clients: Seq
         address = wait_listening(out / "aggregator.log", server)
         agents = []
         for spec in clients:
-            cmd = [sys.executable, "-m", "prufed", "edge", "run", "--aggregator", address, f"--token={token}",
-                   "--data", str(spec.data_path), "--strategy", config.strategy, "--state-dir", str(spec.state_dir),
-                   "--quant", config.quant, "--model", model, "--seed", str(config.seed + spec.index),
-                   "--name", f"{name}-client-{spec.index}", "--retry-attempts", "20", *spec.args]
-            if not config.gradient_checkpointing:
-                cmd.append("--no-gradient-checkpointing")
+            cmd = [sys.executable, "-m", "prufed", *agent_args(config, spec, address, token, model, name)]
             spec.state_dir.parent.mkdir(parents=True, exist_ok=True)
             agents.append(children.spawn(cmd, spec.state_dir.parent / "agent.log"))
 
@@ -352,15 +371,15 @@ def run_federation(name: str, config: SimulationConfig, model: str, clients: Seq
                     if state:
                         spec.plan = state["plan"]
                 if all(spec.plan is not None for spec in clients) and not run.eval_round0:
-                    run.eval_round0 = _evaluate(evaluator, clients, save_global(out, 0, federation.global_state(0)))
+                    run.eval_round0 = _evaluate(evaluator, clients, global_of(federation, out, 0, 0))
                     if on_row:
                         on_row({"round": 0, "heldout_loss": run.eval_round0})
             status = read_status(store)
             closed = [r for r in status["rounds"] if r["state"] == "closed"]
             while evaluated < len(closed):
                 r = closed[evaluated]
-                state = save_global(out, r["round"], federation.global_state(r["metrics"]["global_version"]))
-                losses = _evaluate(evaluator, clients, state)
+                losses = _evaluate(evaluator, clients, global_of(federation, out, r["metrics"]["global_version"],
+                                                                      r["round"]))
                 row = round_row(r, clients, losses)
                 run.rows.append(row)
                 evaluated += 1
@@ -382,6 +401,7 @@ def run_federation(name: str, config: SimulationConfig, model: str, clients: Seq
     status = read_status(Store(f"sqlite:///{db_path}"))
     closed = [r for r in status["rounds"] if r["state"] == "closed"]
     run.rows = [round_row(r, clients, row["heldout_loss"]) for r, row in zip(closed, run.rows)]
+    run.groups = status["groups"]
     run.clients = [{"index": s.index, "depth": len(s.plan["kept_layers"]), "kept_layers": s.plan["kept_layers"],
                     "emulation": " ".join(s.args), "num_examples": s.num_examples, "categories": s.categories}
                    for s in clients]
@@ -407,9 +427,19 @@ def _read_json(path: Path) -> dict | None:
         return None
 
 
-def _evaluate(evaluator: DepthEvaluator, clients: Sequence[ClientSpec], global_state) -> dict[int, float]:
+def global_of(federation, out: Path, version: int, round_id: int) -> Callable[[Sequence[int]], dict]:
+    """group (kept-layer list) -> the global of `version` it evaluates; in a per-group mode its own group's.
+    Saves the version's (shared) global, the one round `round_id` closed into, as OUT/globals/round-<r> first."""
+    save_global(out, round_id, federation.globals.state(version))
+    return lambda group: federation.globals.state(version, group=group)
+
+
+def _evaluate(evaluator: DepthEvaluator, clients: Sequence[ClientSpec],
+              global_for: Callable[[Sequence[int]], dict]) -> dict[int, float]:
+    """Held-out loss per depth of the global `global_for(kept layers)` gives that depth."""
     plans = {len(s.plan["kept_layers"]): s.plan for s in clients}
-    return {depth: evaluator.loss(plans[depth], global_state) for depth in sorted(plans, reverse=True)}
+    return {depth: evaluator.loss(plans[depth], global_for(plans[depth]["kept_layers"]))
+            for depth in sorted(plans, reverse=True)}
 
 
 def round_row(status_round: dict, clients: Sequence[ClientSpec], heldout: dict[int, float]) -> dict:
@@ -439,6 +469,11 @@ def round_row(status_round: dict, clients: Sequence[ClientSpec], heldout: dict[i
         "slowest_step_s": max((e.get("train_seconds", 0.0) for _, e in records), default=0.0),
         "overhead": (seconds - slowest) / seconds if seconds > 0 else None,
         "updates": status_round["metrics"].get("updates"), "examples": status_round["metrics"].get("examples"),
+        # the clients' own held-out loss of the global this round started from (version round − 1), before training
+        "federated_eval": {int(d): e["loss"] for d, e in status_round.get("eval", {}).items()},
+        "federated_eval_examples": {int(d): e["examples"] for d, e in status_round.get("eval", {}).items()},
+        "groups": [{key: g[key] for key in ("group", "clients", "examples", "sha256")}
+                   for g in status_round["metrics"].get("report", {}).get("groups", [])],
     }
 
 
@@ -459,7 +494,8 @@ def simulate(config: SimulationConfig, *, on_row: Callable[[str, dict], None] | 
     federate = run_federation
     if config.engine == "flower":
         from prufed.simulation.flower_engine import run_flower_federation as federate
-    hetero = federate("heteagg", config, model, clients, out, evaluator, on_row=emit("heteagg"))
+    hetero = federate(config.mode, config, model, clients, out, evaluator, mode=config.mode,
+                      on_row=emit(config.mode))
     baseline: dict[int, FederationRun] = {}
     if config.baseline == "homogeneous":
         groups: dict[int, list[ClientSpec]] = {}
@@ -487,7 +523,8 @@ def build_report(config: SimulationConfig, hetero: FederationRun, baseline: dict
     overheads = [r["overhead"] for r in rounds if r["overhead"] is not None]
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()}
     return {
-        "config": settings, "wall_s": round(wall_s, 2), "federation_wall_s": round(hetero.wall_s, 2),
+        "config": settings, "mode": config.mode, "mix": config.mix, "groups": hetero.groups,
+        "wall_s": round(wall_s, 2), "federation_wall_s": round(hetero.wall_s, 2),
         "num_train_examples": num_train, "num_heldout_examples": num_heldout,
         "clients": hetero.clients, "heldout_loss_round0": hetero.eval_round0, "rounds": rounds,
         "aggregator_totals": hetero.aggregator_totals,
@@ -509,12 +546,15 @@ def table_rows(report: dict) -> tuple[list[str], list[list[str]]]:
     depths = sorted((int(d) for d in report["heldout_loss_round0"]), reverse=True)
     base = sorted((int(d) for d in report["baseline"]), reverse=True)
     header = (["round", "clients/depth", "train loss"] + [f"held-out d{d}" for d in depths]
+              + [f"fed-eval d{d}" for d in depths]
               + [f"FedAvg-only d{d}" for d in base] + ["KiB up", "KiB down", "seconds", "overhead"])
-    lines = [["0", "", "–"] + [_fmt(report["heldout_loss_round0"].get(str(d))) for d in depths]
+    lines = [["0", "", "–"] + [_fmt(report["heldout_loss_round0"].get(str(d))) for d in depths] + ["–"] * len(depths)
              + [_fmt(report["baseline"][str(d)]["round0"].get(str(d))) for d in base] + ["–", "–", "–", "–"]]
     for row in report["rounds"]:
+        fed = row.get("federated_eval", {})
         lines.append([str(row["round"]), " ".join(f"{d}:{n}" for d, n in row["clients_per_depth"].items()),
                       _fmt(row["train_loss"])] + [_fmt(row["heldout_loss"].get(str(d))) for d in depths]
+                     + [_fmt(fed.get(str(d))) for d in depths]
                      + [_fmt(row["baseline_heldout_loss"].get(str(d))) for d in base]
                      + [f"{row['bytes_up'] / 1024:.0f}", f"{row['bytes_down'] / 1024:.0f}", f"{row['seconds']:.1f}",
                         _fmt(row["overhead"], ".1%")])
@@ -524,7 +564,9 @@ def table_rows(report: dict) -> tuple[list[str], list[list[str]]]:
 def write_report(out: Path, report: dict) -> None:
     (out / "report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
     header, lines = table_rows(report)
+    mix = f" (--mix {report['mix']})" if report.get("mix") is not None else ""
     md = ["# PruFed simulation report", "",
+          f"Aggregation mode `{report.get('mode', 'heteagg')}`{mix}. "
           f"{len(report['clients'])} clients, {len(report['rounds'])} rounds, model `{report['config']['model']}`, "
           f"quant {report['config']['quant']}, {report['config']['local_steps']} local steps of batch "
           f"{report['config']['batch_size']}, seq-len {report['config']['seq_len']}, Dirichlet α "
@@ -532,8 +574,17 @@ def write_report(out: Path, report: dict) -> None:
           "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     md += ["| " + " | ".join(line) + " |" for line in lines]
     md += ["", "Held-out loss: masked next-token loss over response tokens of the common held-out set, for the new "
-               "global adapter's slice on each depth's pruned model. Overhead = (round seconds − slowest client's "
-               "local training) / round seconds.", "", "## Clients", "",
+               "global adapter's slice on each depth's pruned model (in a per-group mode, each depth's own group "
+               "global). Fed-eval (federated evaluation): the clients' example-weighted mean loss on their own "
+               "held-out examples of the global the round started from (version round − 1), scored on the device "
+               "before training. Overhead = (round seconds − slowest client's local training) / round seconds.", ""]
+    if report.get("groups"):
+        md += ["## Depth groups (per-group globals)", "", "| kept layers | depth | version | clients | examples | "
+               "sha256 |", "|---|---|---|---|---|---|"]
+        md += [f"| {g['kept_layers']} | {g['depth']} | {g['version']} | {g['clients']} | {g['examples']} | "
+               f"{g['sha256'][:12]} |" for g in report["groups"]]
+        md += ["", "Clients and examples: those of the group folded into the last version.", ""]
+    md += ["## Clients", "",
            "| client | depth | kept layers | examples | top categories |", "|---|---|---|---|---|"]
     for c in report["clients"]:
         top = ", ".join(f"{k} {v}" for k, v in list(c["categories"].items())[:3])
@@ -560,7 +611,12 @@ def plot_losses(report: dict, path: Path) -> None:
         color = f"C{i}"
         key = str(depth)
         ys = [report["heldout_loss_round0"].get(key)] + [r["heldout_loss"].get(key) for r in report["rounds"]]
-        ax.plot(rounds, ys, marker="o", color=color, label=f"HeteAgg, depth {depth}")
+        ax.plot(rounds, ys, marker="o", color=color, label=f"{report.get('mode', 'heteagg')}, depth {depth}")
+        fed = [(r["round"] - 1, r.get("federated_eval", {}).get(key)) for r in report["rounds"]]
+        fed = [(x, y) for x, y in fed if y is not None]
+        if fed:  # the clients' own held-out loss of version r−1, plotted at that version
+            ax.plot([x for x, _ in fed], [y for _, y in fed], marker=".", linestyle=":", color=color,
+                    label=f"federated eval, depth {depth}")
         if key in report["baseline"]:
             b = report["baseline"][key]
             ys = [b["round0"].get(key)] + [row["heldout_loss"].get(key) for row in b["rows"]]

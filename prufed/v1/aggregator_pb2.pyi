@@ -124,18 +124,20 @@ class DownloadRequest(_message.Message):
     def __init__(self, version: _Optional[int] = ...) -> None: ...
 
 class DownloadHeader(_message.Message):
-    __slots__ = ("version", "round", "total_bytes", "sha256", "kept_layers")
+    __slots__ = ("version", "round", "total_bytes", "sha256", "kept_layers", "per_group")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
     SHA256_FIELD_NUMBER: _ClassVar[int]
     KEPT_LAYERS_FIELD_NUMBER: _ClassVar[int]
+    PER_GROUP_FIELD_NUMBER: _ClassVar[int]
     version: int
     round: int
     total_bytes: int
     sha256: str
     kept_layers: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, version: _Optional[int] = ..., round: _Optional[int] = ..., total_bytes: _Optional[int] = ..., sha256: _Optional[str] = ..., kept_layers: _Optional[_Iterable[int]] = ...) -> None: ...
+    per_group: bool
+    def __init__(self, version: _Optional[int] = ..., round: _Optional[int] = ..., total_bytes: _Optional[int] = ..., sha256: _Optional[str] = ..., kept_layers: _Optional[_Iterable[int]] = ..., per_group: _Optional[bool] = ...) -> None: ...
 
 class DownloadChunk(_message.Message):
     __slots__ = ("header", "data")
@@ -155,19 +157,29 @@ class TensorInfo(_message.Message):
     dtype: str
     def __init__(self, name: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ...) -> None: ...
 
+class FederatedEval(_message.Message):
+    __slots__ = ("loss", "examples")
+    LOSS_FIELD_NUMBER: _ClassVar[int]
+    EXAMPLES_FIELD_NUMBER: _ClassVar[int]
+    loss: float
+    examples: int
+    def __init__(self, loss: _Optional[float] = ..., examples: _Optional[int] = ...) -> None: ...
+
 class UploadHeader(_message.Message):
-    __slots__ = ("round", "total_bytes", "tensors", "num_examples", "kept_layers")
+    __slots__ = ("round", "total_bytes", "tensors", "num_examples", "kept_layers", "eval")
     ROUND_FIELD_NUMBER: _ClassVar[int]
     TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
     TENSORS_FIELD_NUMBER: _ClassVar[int]
     NUM_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
     KEPT_LAYERS_FIELD_NUMBER: _ClassVar[int]
+    EVAL_FIELD_NUMBER: _ClassVar[int]
     round: int
     total_bytes: int
     tensors: _containers.RepeatedCompositeFieldContainer[TensorInfo]
     num_examples: int
     kept_layers: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, round: _Optional[int] = ..., total_bytes: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[TensorInfo, _Mapping]]] = ..., num_examples: _Optional[int] = ..., kept_layers: _Optional[_Iterable[int]] = ...) -> None: ...
+    eval: FederatedEval
+    def __init__(self, round: _Optional[int] = ..., total_bytes: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[TensorInfo, _Mapping]]] = ..., num_examples: _Optional[int] = ..., kept_layers: _Optional[_Iterable[int]] = ..., eval: _Optional[_Union[FederatedEval, _Mapping]] = ...) -> None: ...
 
 class UploadTrailer(_message.Message):
     __slots__ = ("sha256",)
@@ -204,20 +216,22 @@ class StatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class RoundStatus(_message.Message):
-    __slots__ = ("round", "state", "sampled", "uploads", "deadline_unix", "metrics_json")
+    __slots__ = ("round", "state", "sampled", "uploads", "deadline_unix", "metrics_json", "eval_json")
     ROUND_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     SAMPLED_FIELD_NUMBER: _ClassVar[int]
     UPLOADS_FIELD_NUMBER: _ClassVar[int]
     DEADLINE_UNIX_FIELD_NUMBER: _ClassVar[int]
     METRICS_JSON_FIELD_NUMBER: _ClassVar[int]
+    EVAL_JSON_FIELD_NUMBER: _ClassVar[int]
     round: int
     state: str
     sampled: int
     uploads: int
     deadline_unix: float
     metrics_json: str
-    def __init__(self, round: _Optional[int] = ..., state: _Optional[str] = ..., sampled: _Optional[int] = ..., uploads: _Optional[int] = ..., deadline_unix: _Optional[float] = ..., metrics_json: _Optional[str] = ...) -> None: ...
+    eval_json: str
+    def __init__(self, round: _Optional[int] = ..., state: _Optional[str] = ..., sampled: _Optional[int] = ..., uploads: _Optional[int] = ..., deadline_unix: _Optional[float] = ..., metrics_json: _Optional[str] = ..., eval_json: _Optional[str] = ...) -> None: ...
 
 class DepthCount(_message.Message):
     __slots__ = ("depth", "clients")
@@ -228,7 +242,7 @@ class DepthCount(_message.Message):
     def __init__(self, depth: _Optional[int] = ..., clients: _Optional[int] = ...) -> None: ...
 
 class StatusReply(_message.Message):
-    __slots__ = ("global_version", "rounds_total", "rounds_closed", "done", "rounds", "clients_per_depth", "last_metrics_json")
+    __slots__ = ("global_version", "rounds_total", "rounds_closed", "done", "rounds", "clients_per_depth", "last_metrics_json", "mode", "groups_json")
     GLOBAL_VERSION_FIELD_NUMBER: _ClassVar[int]
     ROUNDS_TOTAL_FIELD_NUMBER: _ClassVar[int]
     ROUNDS_CLOSED_FIELD_NUMBER: _ClassVar[int]
@@ -236,6 +250,8 @@ class StatusReply(_message.Message):
     ROUNDS_FIELD_NUMBER: _ClassVar[int]
     CLIENTS_PER_DEPTH_FIELD_NUMBER: _ClassVar[int]
     LAST_METRICS_JSON_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    GROUPS_JSON_FIELD_NUMBER: _ClassVar[int]
     global_version: int
     rounds_total: int
     rounds_closed: int
@@ -243,4 +259,6 @@ class StatusReply(_message.Message):
     rounds: _containers.RepeatedCompositeFieldContainer[RoundStatus]
     clients_per_depth: _containers.RepeatedCompositeFieldContainer[DepthCount]
     last_metrics_json: str
-    def __init__(self, global_version: _Optional[int] = ..., rounds_total: _Optional[int] = ..., rounds_closed: _Optional[int] = ..., done: _Optional[bool] = ..., rounds: _Optional[_Iterable[_Union[RoundStatus, _Mapping]]] = ..., clients_per_depth: _Optional[_Iterable[_Union[DepthCount, _Mapping]]] = ..., last_metrics_json: _Optional[str] = ...) -> None: ...
+    mode: str
+    groups_json: str
+    def __init__(self, global_version: _Optional[int] = ..., rounds_total: _Optional[int] = ..., rounds_closed: _Optional[int] = ..., done: _Optional[bool] = ..., rounds: _Optional[_Iterable[_Union[RoundStatus, _Mapping]]] = ..., clients_per_depth: _Optional[_Iterable[_Union[DepthCount, _Mapping]]] = ..., last_metrics_json: _Optional[str] = ..., mode: _Optional[str] = ..., groups_json: _Optional[str] = ...) -> None: ...
