@@ -283,7 +283,7 @@ class Agent:
             result = score_global(self.config.model, PruningPlan.from_json_dict(self.state["plan"]),
                                   load_adapter(self.round_dir(self.state["round"]) / GLOBAL_FILE)[0], self._heldout,
                                   seq_len=int(hp.get("seq_len") or 256), lora=self.state["federation"]["lora"],
-                                  quant=self.config.quant)
+                                  quant=(self.state.get("depth_choice") or {}).get("quant", self.config.quant))
         self.persist(current=dict(current, eval=result.to_json_dict() if result else None))
         if result:
             self._log(f"round {self.state['round']}: federated eval of global v{self.state['global_version']}: "

@@ -44,17 +44,18 @@ def heldout_split(examples: Sequence[InstructionExample], max_heldout: int, seed
 
 
 def score_global(model: str | None, plan: PruningPlan, global_state: Mapping, heldout: Sequence[InstructionExample],
-                 *, seq_len: int, lora: Mapping, quant: str = "auto", batch_size: int = 4) -> FederatedEval | None:
-    """The held-out loss of `global_state` (ORIGINAL keys, this plan's kept layers) on the pruned model; None when
-    no held-out example has a response token within `seq_len`."""
+                 *, seq_len: int, lora: Mapping, quant: str, batch_size: int = 4) -> FederatedEval | None:
+    """The held-out loss of `global_state` (ORIGINAL keys, this plan's kept layers) on the pruned model, loaded in
+    `quant` (the plan's resolved precision, never "auto"); None when no held-out example has a response token
+    within `seq_len`."""
     import torch
 
     from edge_client.data import tokenize_examples
     from edge_client.evaluate import batched, masked_loss
-    from edge_client.model import attach_lora, load_model_dir, materialize_pruned, resolve_quant
+    from edge_client.model import attach_lora, check_quant_available, load_model_dir, materialize_pruned
     from prufed.common.peft_bridge import load_adapter_state
 
-    base, tokenizer = load_model_dir(Path(materialize_pruned(model, plan)), resolve_quant(quant))
+    base, tokenizer = load_model_dir(Path(materialize_pruned(model, plan)), check_quant_available(quant))
     rows = tokenize_examples(heldout, tokenizer, seq_len)  # drops examples with no response token left
     if not rows:
         return None

@@ -120,13 +120,13 @@ def train(msg: Message, context: Context, run_config: Mapping[str, Any]) -> Mess
     plan, choice = node_plan(settings, context)
     hyper, lora = task_hyper(msg.content[CONFIG])
     round_id = int(msg.content[CONFIG].get("server-round", 1))
-    config = task_train_config(settings.agent, plan.kept_layers, hyper, lora, checkpoint_every=0,
-                               quant=choice.get("quant", settings.agent.quant))
+    quant = choice.get("quant", settings.agent.quant)  # the plan's resolved precision (as the agent trains)
+    config = task_train_config(settings.agent, plan.kept_layers, hyper, lora, checkpoint_every=0, quant=quant)
     examples, heldout = heldout_split(load_private_examples(settings.agent), settings.agent.eval_examples,
                                       settings.agent.seed)
     global_state = to_state(msg.content[ARRAYS])
     scored = score_global(settings.agent.model, plan, global_state, heldout, seq_len=config.seq_len, lora=lora,
-                          quant=settings.agent.quant) if heldout else None
+                          quant=quant) if heldout else None
     with tempfile.TemporaryDirectory(prefix="prufed-flower-") as workdir:
         result = train_local(config, workdir, global_adapter=global_state,
                              examples=rotate(examples, round_id, config.max_steps * config.batch_size),

@@ -5,7 +5,8 @@ Server -> client (TRAIN): RecordDict {"arrays": ArrayRecord, "config": ConfigRec
     config  "server-round" plus the task's hyper-parameters (TASK_KEYS)
 Client -> server: RecordDict {"arrays": ArrayRecord, "metrics": MetricRecord, "prufed": ConfigRecord}
     arrays   Δ = local − global of the kept layers, ORIGINAL-layer keys (float32)
-    metrics  "num-examples" (the aggregation weight), "train-loss", "train-seconds", "train-wall-s", "depth"
+    metrics  "num-examples" (the aggregation weight), "train-loss", "train-seconds", "train-wall-s", "depth",
+             "eval-loss" / "eval-examples" (the received global scored on the node's held-out examples; 0 = none)
     prufed   "kept-layers" (list of ORIGINAL indices), "plan" (PruningPlan JSON), "partition-id" (or -1)
 """
 
