@@ -169,3 +169,14 @@ def test_server_settings_name_the_run_config_key():
         assert key in str(info.value)
     with pytest.raises(KeyError, match="max-steps"):
         task_hyper({"lr": 1.0})
+
+
+def test_simulation_config_checks_the_engine(tmp_path):
+    from prufed.simulation.run import SimulationConfig
+
+    assert SimulationConfig(out=tmp_path, engine="flower", mode="fedavg").engine == "flower"
+    with pytest.raises(ConfigError, match="--engine") as info:
+        SimulationConfig(out=tmp_path, engine="flower", mode="mixed")
+    assert "per-group" in str(info.value)
+    with pytest.raises(ConfigError, match="--engine"):
+        SimulationConfig(out=tmp_path, engine="ray")
