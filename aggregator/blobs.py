@@ -1,7 +1,12 @@
-"""Content-addressed blob files (uploads and global versions) beside the database.
+"""Content-addressed blobs (uploads and global versions): files beside the database, or rows inside it.
 
-Blobs are files named by their sha256, written tmp + fsync + rename, so a reference in the DB always points at
-complete bytes. Incoming streams spool into `<root>/tmp/` and are renamed into place once verified.
+Two stores, one interface (`spool`, `adopt`, `put_bytes`, `read_bytes`, `local_path`, `sweep_partials`):
+- `BlobStore` (--blob-store dir, the default): files named by their sha256, written tmp + fsync + rename, so a
+  reference in the DB always points at complete bytes. Incoming streams spool into `<root>/tmp/` and are renamed
+  into place once verified.
+- `DbBlobStore` (--blob-store db): ~1 MiB chunk rows in the database (SQL in `aggregator.state`), so replicas on
+  several hosts share nothing but the database. Incoming streams still spool to a local temp file (validation
+  reads it), then stream into the database chunk by chunk; readers stream chunks back out to a local temp file.
 """
 
 from __future__ import annotations
@@ -13,8 +18,11 @@ import queue
 import tempfile
 import threading
 import time
+from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Protocol
 
+from prufed.common.adapter_format import AdapterMeta, load_adapter
 from prufed.common.fsio import fsync_dir
 
 
@@ -62,6 +70,15 @@ class BlobStore:
     def read_bytes(self, ref: str) -> bytes:
         return self.path(ref).read_bytes()
 
+    @contextlib.contextmanager
+    def local_path(self, ref: str) -> Iterator[Path]:
+        """A readable local file holding blob `ref` (here: the blob itself), valid inside the `with`."""
+        yield self.path(ref)
+
+    def load(self, ref: str) -> tuple[dict, AdapterMeta]:
+        """The tensors and metadata of adapter blob `ref`."""
+        return load_adapter(self.path(ref))
+
     def sweep_orphans(self, referenced: set[str], grace_s: float) -> int:
         """Delete blobs that no row references and that are older than `grace_s` (a younger one may be between its
         rename and its row insert: `adopt` and `put_bytes` leave a fresh mtime). Returns how many were removed."""
@@ -89,6 +106,78 @@ class BlobStore:
                     part.unlink()
                     removed += 1
         return removed
+
+
+class ChunkTable(Protocol):
+    """What `DbBlobStore` needs from `aggregator.state.Store` (which holds the SQL)."""
+
+    def put_blob(self, sha256: str, chunks: Iterable[bytes]) -> None: ...
+
+    def read_blob_chunks(self, sha256: str) -> Iterator[bytes]: ...
+
+    def sweep_blobs(self, referenced: set[str], older_than: float) -> int: ...
+
+
+class DbBlobStore:
+    """Blobs in the database as `CHUNK_BYTES` rows; a local `BlobStore` directory holds only partial streams."""
+
+    CHUNK_BYTES = 1024 * 1024  # big enough that per-row overhead is small, small enough to stay a few MiB in RAM
+
+    def __init__(self, table: ChunkTable, local: BlobStore):
+        self.table = table
+        self.local = local
+        self.tmp_dir = local.tmp_dir
+
+    def spool(self) -> Spool:
+        return self.local.spool()
+
+    def temp_file(self) -> tuple[int, Path]:
+        return self.local.temp_file()
+
+    def sweep_partials(self, older_than_s: float = 3600.0) -> int:
+        return self.local.sweep_partials(older_than_s)
+
+    def sweep_orphans(self, referenced: set[str], grace_s: float) -> int:
+        """Delete blobs no row references, stored more than `grace_s` ago. Returns how many were removed."""
+        return self.table.sweep_blobs(referenced, time.time() - grace_s)
+
+    def adopt(self, tmp_path: Path, sha256: str) -> str:
+        """Stream a finished temp file into the database chunk by chunk, then delete it; returns the ref."""
+        with open(tmp_path, "rb") as handle:
+            self.table.put_blob(sha256, iter(lambda: handle.read(self.CHUNK_BYTES), b""))
+        tmp_path.unlink()
+        return sha256
+
+    def put_bytes(self, data: bytes) -> str:
+        sha = hashlib.sha256(data).hexdigest()
+        view = memoryview(data)
+        self.table.put_blob(sha, (view[i:i + self.CHUNK_BYTES] for i in range(0, len(view), self.CHUNK_BYTES)))
+        return sha
+
+    def read_bytes(self, ref: str) -> bytes:
+        return b"".join(self.table.read_blob_chunks(ref))
+
+    def load(self, ref: str) -> tuple[dict, AdapterMeta]:
+        """The tensors and metadata of adapter blob `ref` (streamed through a local temp file)."""
+        with self.local_path(ref) as path:
+            return load_adapter(path)
+
+    @contextlib.contextmanager
+    def local_path(self, ref: str) -> Iterator[Path]:
+        """Blob `ref` streamed out into a local temp file (checked against its sha256), deleted after the `with`."""
+        fd, path = self.local.temp_file()
+        digest = hashlib.sha256()
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                for chunk in self.table.read_blob_chunks(ref):
+                    digest.update(chunk)
+                    handle.write(chunk)
+            if digest.hexdigest() != ref:
+                raise OSError(f"blob {ref[:16]}… in the database hashes to {digest.hexdigest()[:16]}…")
+            yield path
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
 
 
 def _pid_alive(pid: int) -> bool:

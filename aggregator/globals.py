@@ -131,9 +131,7 @@ class Globals:
 
     def blob_state(self, blob: str) -> dict:
         """The tensors of a global blob (cached: a blob's bytes never change)."""
-        from prufed.common.adapter_format import load_adapter
-
-        return self._states.get(blob, lambda: load_adapter(self.store.blobs.path(blob))[0])
+        return self._states.get(blob, lambda: self.store.blobs.load(blob)[0])
 
     def group_blob(self, version: int, group: Sequence[int] | None) -> str | None:
         """The blob of `group`'s own global at `version` (per-group modes), or None."""

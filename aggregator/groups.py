@@ -53,7 +53,6 @@ def close_groups(store: Store, globals_: Globals, config: AggregatorConfig, base
     `check_result(new_state, old_state)` returning a reason refuses the whole close before any blob is written.
     """
     from aggregator.core.modes import group_aggregator
-    from prufed.common.adapter_format import load_adapter
 
     base_row = globals_.version_row(base_version)
     with store.read() as tx:
@@ -64,7 +63,7 @@ def close_groups(store: Store, globals_: Globals, config: AggregatorConfig, base
                                   initial=globals_.blob_state(base_row.blob), mix=config.mix)
     examples = 0
     for up in uploads:
-        tensors, _meta = load_adapter(store.blobs.path(up.blob))
+        tensors, _meta = store.blobs.load(up.blob)
         weight, scale = bounds.get(up.client_id, (None, 1.0)) if bounds else (None, 1.0)
         if scale < 1.0:
             for value in tensors.values():

@@ -158,7 +158,6 @@ class Rounds:
         from aggregator.core.heteagg import HeteAggregator
         from aggregator.core.poisoning import adaptive_clip_scales, capped_weights, result_problem
         from aggregator.core.robust import update_norm
-        from prufed.common.adapter_format import load_adapter
 
         cfg = self.config
         started = time.perf_counter()
@@ -168,7 +167,7 @@ class Rounds:
             params = tx.meta()
         raw = [float(up.num_examples) if cfg.weighting == "examples" else 1.0 for up in ups]
         weights = capped_weights(raw, cfg.max_client_share)
-        norms = [up.norm if up.norm is not None else update_norm(load_adapter(self.store.blobs.path(up.blob))[0])
+        norms = [up.norm if up.norm is not None else update_norm(self.store.blobs.load(up.blob)[0])
                  for up in ups]  # rows from before norms were stored
         scales = adaptive_clip_scales(norms, cfg.adaptive_clip)
         bounds = {up.client_id: (weight, scale) for up, weight, scale in zip(ups, weights, scales)}
@@ -188,7 +187,7 @@ class Rounds:
             aggregator = HeteAggregator(base, cfg.aggregation_config())
             examples = 0
             for up in ups:  # one upload in memory at a time
-                tensors, _meta = load_adapter(self.store.blobs.path(up.blob))
+                tensors, _meta = self.store.blobs.load(up.blob)
                 weight, scale = bounds[up.client_id]
                 if scale < 1.0:
                     for value in tensors.values():

@@ -90,6 +90,8 @@ class Metrics:
         self.upload_bytes = Counter("prufed_upload_bytes_total", "Bytes of accepted updates", registry=self.registry)
         self.download_bytes = Counter("prufed_download_bytes_total", "Bytes of global slices served",
                                       registry=self.registry)
+        self.requests = Counter("prufed_requests_total", "Aggregator RPCs received, by method (before auth)",
+                                ["method"], registry=self.registry)
         self.refusals = Counter("prufed_refusals_total", "Refused calls of every RPC by method and refusal code",
                                 ["method", "code"], registry=self.registry)
         self.round_seconds = Histogram("prufed_round_duration_seconds", "Round open-to-close wall time",
@@ -140,6 +142,7 @@ class AuthInterceptor(grpc.ServerInterceptor):
         if not method.startswith(f"/{SERVICE_NAME}/"):
             return continuation(handler_call_details)
         name = method.rsplit("/", 1)[-1]
+        self.metrics.requests.labels(name).inc()
         token = bearer_token(handler_call_details.invocation_metadata)
         if token is None:
             problem = "missing 'authorization: Bearer <token>' metadata"

@@ -65,7 +65,9 @@ def refuse(context: grpc.ServicerContext, metrics, method: str, error: Refused) 
     """Log, count and send one refusal (the only place a call is aborted)."""
     metrics.refused(method, error.code)
     log.info("refused call", extra={"method": method, "code": error.code.value, "reason": str(error)})
-    context.set_trailing_metadata(((REFUSAL_METADATA_KEY, error.code.value),))
+    # a refusal is an answer, not a lost connection: "-1" tells the client channel's retry policy (which replays
+    # calls cut off by a dying replica) not to re-send this one
+    context.set_trailing_metadata(((REFUSAL_METADATA_KEY, error.code.value), ("grpc-retry-pushback-ms", "-1")))
     context.abort(status_of(error.code), str(error))
     raise AssertionError("context.abort returned")  # pragma: no cover - abort always raises
 
@@ -184,14 +186,22 @@ class AggregatorServicer(pb_grpc.AggregatorServicer):
         return status_to_proto(self.fed.status())
 
 
+SERVER_ONLY_METRICS = frozenset({"closed_by"})
+"""Round metrics kept out of Status replies: `closed_by` is the replica's host name and PID."""
+
+
+def _public(metrics: dict) -> str:
+    return json.dumps({k: v for k, v in metrics.items() if k not in SERVER_ONLY_METRICS}, sort_keys=True)
+
+
 def status_to_proto(status: dict) -> pb.StatusReply:
     return pb.StatusReply(
         global_version=status["global_version"], rounds_total=status["rounds_total"],
         rounds_closed=status["rounds_closed"], done=status["done"],
         rounds=[pb.RoundStatus(round=r["round"], state=r["state"], sampled=r["sampled"], uploads=r["uploads"],
-                               deadline_unix=r["deadline"], metrics_json=json.dumps(r["metrics"], sort_keys=True),
+                               deadline_unix=r["deadline"], metrics_json=_public(r["metrics"]),
                                eval_json=json.dumps(r["eval"], sort_keys=True))
                 for r in status["rounds"]],
         clients_per_depth=[pb.DepthCount(depth=d, clients=n) for d, n in status["clients_per_depth"].items()],
-        last_metrics_json=json.dumps(status["last_metrics"], sort_keys=True), mode=status["mode"],
+        last_metrics_json=_public(status["last_metrics"]), mode=status["mode"],
         groups_json=json.dumps(status["groups"], sort_keys=True))

@@ -13,21 +13,26 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import Iterator, Sequence
+import tempfile
+import time
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import (
     DDL,
+    BigInteger,
     Column,
     Float,
     Integer,
+    LargeBinary,
     MetaData,
     String,
     Table,
     Text,
     UniqueConstraint,
     create_engine,
+    delete,
     event,
     func,
     insert,
@@ -36,8 +41,9 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.engine import Connection, Engine, Row, make_url
+from sqlalchemy.exc import IntegrityError
 
-from aggregator.blobs import BlobStore
+from aggregator.blobs import BlobStore, DbBlobStore
 from prufed.common.errors import ConfigError
 
 WRITE_LOCK_KEY = 0x70727566  # "pruf": the advisory lock every PostgreSQL write transaction holds until commit
@@ -119,6 +125,23 @@ federation = Table(
     "federation", metadata,
     Column("key", String(64), primary_key=True),
     Column("value", Text, nullable=False),
+)
+
+# --blob-store db: content-addressed blobs as ~1 MiB rows; the `blobs` row is written last, in the same transaction,
+# so its presence means every chunk is there.
+blob_chunks = Table(
+    "blob_chunks", metadata,
+    Column("sha256", String(64), primary_key=True),
+    Column("seq", Integer, primary_key=True, autoincrement=False),
+    Column("data", LargeBinary, nullable=False),
+)
+
+blob_index = Table(
+    "blobs", metadata,
+    Column("sha256", String(64), primary_key=True),
+    Column("size", BigInteger, nullable=False),
+    Column("chunks", Integer, nullable=False),
+    Column("created_at", Float, nullable=False),
 )
 
 
@@ -261,8 +284,9 @@ class Tx:
             blob=blob, accepted_at=now, norm=norm))
 
     def referenced_blobs(self) -> set[str]:
-        """Every blob ref a row points at (uploads and global versions)."""
+        """Every blob ref a row points at (uploads, global versions and per-group globals)."""
         refs = {r.blob for r in self.conn.execute(select(uploads.c.blob))}
+        refs |= {r.blob for r in self.conn.execute(select(group_globals.c.blob))}
         return refs | {r.blob for r in self.conn.execute(select(global_versions.c.blob))}
 
     def count_uploads(self, round_id: int) -> int:
@@ -296,10 +320,29 @@ class Tx:
                 self.conn.execute(select(uploads.c.round, func.count()).group_by(uploads.c.round)).all()}
 
 
-class Store:
-    """Engine + blobs. `write()` for state changes (one transaction each), `read()` for queries; both yield a `Tx`."""
+    # ---- blobs in the database (--blob-store db) ---------------------------------------------------------------
+    def blob_info(self, sha256: str) -> Row | None:
+        """(sha256, size, chunks, created_at) of a complete blob, or None."""
+        return self.conn.execute(select(blob_index).where(blob_index.c.sha256 == sha256)).first()
 
-    def __init__(self, url: str, blob_dir: str | Path | None = None):
+    def blob_chunk(self, sha256: str, seq: int) -> bytes:
+        return bytes(self.conn.execute(select(blob_chunks.c.data).where(
+            blob_chunks.c.sha256 == sha256, blob_chunks.c.seq == seq)).scalar_one())
+
+
+BLOB_STORES = ("dir", "db")
+
+
+class Store:
+    """Engine + blobs. `write()` for state changes (one transaction each), `read()` for queries; both yield a `Tx`.
+
+    `blob_store="dir"` (default): blob files in `blob_dir` (default `<SQLite file>.blobs`; required on PostgreSQL).
+    `blob_store="db"`: blobs in the database itself, so replicas on several hosts share nothing else; `blob_dir`
+    (default: the system temp dir) then only holds this host's partial uploads."""
+
+    def __init__(self, url: str, blob_dir: str | Path | None = None, blob_store: str = "dir"):
+        if blob_store not in BLOB_STORES:
+            raise ConfigError("--blob-store", f"must be one of {', '.join(BLOB_STORES)}, got {blob_store!r}")
         try:
             parsed = make_url(url)
         except Exception as exc:  # sqlalchemy raises ArgumentError subclasses with long messages
@@ -315,12 +358,15 @@ class Store:
             _configure_sqlite(self.engine)
             default_blobs = Path(f"{db_path}.blobs")
         else:
-            if blob_dir is None:
-                raise ConfigError("--blob-dir", "a non-SQLite database needs an explicit blob directory")
+            if blob_dir is None and blob_store == "dir":
+                raise ConfigError("--blob-dir", "a non-SQLite database needs an explicit blob directory, or "
+                                                "--blob-store db to keep blobs in the database")
             # one connection per concurrently busy RPC thread, up to the server's 64 workers
             self.engine = create_engine(url, pool_pre_ping=True, pool_size=16, max_overflow=48, pool_timeout=60)
-            default_blobs = Path(blob_dir)
-        self.blobs = BlobStore(Path(blob_dir) if blob_dir is not None else default_blobs)
+            default_blobs = Path(blob_dir) if blob_dir is not None else Path(tempfile.gettempdir()) / "prufed-blobs"
+        local = BlobStore(Path(blob_dir) if blob_dir is not None else default_blobs)
+        self.blob_store = blob_store
+        self.blobs: BlobStore | DbBlobStore = local if blob_store == "dir" else DbBlobStore(self, local)
         with self.engine.connect() as conn:  # replicas starting together must not race on CREATE TABLE
             conn.execution_options(prufed_write=True)
             with conn.begin():
@@ -345,10 +391,63 @@ class Store:
             with conn.begin():
                 yield Tx(conn)
 
+    def put_blob(self, sha256: str, chunks: Iterable[bytes]) -> None:
+        """Store a blob as chunk rows plus its `blobs` row, in one transaction; idempotent. On PostgreSQL without
+        the write lock (a long blob must not stall every other writer): a replica storing the same bytes at the
+        same moment makes one of the two inserts fail on the primary key, which is then success."""
+        with self.engine.connect() as conn:
+            conn.execution_options(prufed_write=True)  # SQLite: BEGIN IMMEDIATE, no deadlock on lock upgrade
+            try:
+                with conn.begin():
+                    tx = Tx(conn)
+                    if tx.blob_info(sha256) is not None:
+                        return
+                    size = count = 0
+                    for count, chunk in enumerate(chunks, start=1):  # one chunk in memory at a time
+                        conn.execute(insert(blob_chunks).values(sha256=sha256, seq=count - 1, data=chunk))
+                        size += len(chunk)
+                    conn.execute(insert(blob_index).values(sha256=sha256, size=size, chunks=count, created_at=time.time()))
+            except IntegrityError:
+                with self.read() as tx:
+                    if tx.blob_info(sha256) is None:
+                        raise
+
+    def sweep_blobs(self, referenced: set[str], older_than: float) -> int:
+        """Delete database blobs that no row references and that were stored before `older_than` (a younger one may
+        be between its store and its row insert). Returns how many were removed."""
+        with self.write() as tx:
+            stale = [r.sha256 for r in tx.conn.execute(select(blob_index.c.sha256)
+                                                       .where(blob_index.c.created_at < older_than))]
+            orphans = [sha for sha in stale if sha not in referenced]
+            for start in range(0, len(orphans), 500):  # bounded IN lists
+                batch = orphans[start:start + 500]
+                tx.conn.execute(delete(blob_index).where(blob_index.c.sha256.in_(batch)))
+                tx.conn.execute(delete(blob_chunks).where(blob_chunks.c.sha256.in_(batch)))
+        return len(orphans)
+
+    def read_blob_chunks(self, sha256: str) -> Iterator[bytes]:
+        """A stored blob's chunks in order, one query (and one chunk in memory) at a time; KeyError if absent."""
+        with self.read() as tx:
+            info = tx.blob_info(sha256)
+            if info is None:
+                raise KeyError(f"blob {sha256} is not in the database")
+            for seq in range(info.chunks):
+                yield tx.blob_chunk(sha256, seq)
+
     def _lock_writes(self, conn: Connection) -> None:
         """PostgreSQL: serialise write transactions across replicas (SQLite's BEGIN IMMEDIATE does it there)."""
         if not self.is_sqlite:
             conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({WRITE_LOCK_KEY})")
+
+    def reset(self) -> None:
+        """Drop and recreate every PruFed table (a fresh federation on a scratch database, e.g. `prufed simulate
+        --db URL`), under the write lock."""
+        with self.engine.connect() as conn:
+            conn.execution_options(prufed_write=True)
+            with conn.begin():
+                self._lock_writes(conn)
+                metadata.drop_all(conn)
+                metadata.create_all(conn)
 
     def dispose(self) -> None:
         self.engine.dispose()

@@ -198,6 +198,7 @@ class Uploads:
                 raise Refused(RefusalCode.UPLOAD_CONFLICT, f"client {client_id} already uploaded different bytes "
                                                            f"for round {header.round} (sha256 {existing.sha256[:12]}…)")
             open_round_for(tx, client_id, header.round)
+            tx.touch_client(client_id, self.clock())  # an upload is a sign of life too (liveness window)
             tx.insert_upload(upload_id, header.round, client_id, sha256, header.total_bytes, header.num_examples, blob,
                              self.clock(), norm)
             if header.eval is not None:

@@ -198,3 +198,24 @@ def batch_indices(num_rows: int, batch_size: int, seed: int, position: int) -> l
         out.extend(order[offset : offset + batch_size - len(out)])
         epoch, offset = epoch + 1, 0
     return out
+
+
+LENGTH_GROUP_BATCHES = 16  #: batches whose rows are sorted by length together (a window of 16 × batch_size rows)
+
+
+def grouped_batch_indices(lengths: Sequence[int], batch_size: int, seed: int, position: int,
+                          group: int = LENGTH_GROUP_BATCHES) -> list[int]:
+    """The `position`-th batch of `batch_indices`' stream, re-cut so that rows of similar length share a batch.
+
+    Window w = positions [w·group, (w+1)·group) holds exactly the rows `batch_indices` would give those positions
+    (the same examples, the same number of times); they are sorted by length (longest first, ties by index), cut
+    into `group` batches, and the batches are put in a seeded order. A batch then pads to a length close to each of
+    its rows', so right-padding costs little compute (HF's LengthGroupedSampler does the same with megabatches).
+    Pure in `position`: a resume sees the same batches.
+    """
+    window, slot = divmod(position, group)
+    rows = batch_indices(len(lengths), batch_size * group, seed, window)
+    ordered = sorted(rows, key=lambda i: (-lengths[i], i))
+    batches = [ordered[k * batch_size:(k + 1) * batch_size] for k in range(group)]
+    random.Random(f"{seed}:group:{window}").shuffle(batches)
+    return batches[slot]

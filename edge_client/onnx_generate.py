@@ -1,6 +1,6 @@
 """Text generation on an exported ONNX decoder with onnxruntime, numpy, tokenizers and jinja2 only (no torch).
 
-Reads a directory written by `prufed export-onnx`: model.onnx (or model.int8.onnx), tokenizer.json, the chat
+Reads a directory written by `prufed export-onnx`: model.onnx (or model.int8.onnx / model.int4.onnx), tokenizer.json, the chat
 template (chat_template.jinja or tokenizer_config.json) and export.json (cache shapes, eos ids).
 Decoding: greedy (temperature 0) or sampling from softmax(logits / T) restricted to the top-p nucleus.
 """
@@ -18,6 +18,9 @@ from prufed.common.errors import ConfigError
 
 ONNX_FILE = "model.onnx"
 INT8_FILE = "model.int8.onnx"
+INT4_FILE = "model.int4.onnx"
+#: Graph file per weight precision, as `export.json`'s "files" names them.
+MODEL_FILES = {"fp32": ONNX_FILE, "int8": INT8_FILE, "int4": INT4_FILE}
 EXPORT_FILE = "export.json"
 
 
@@ -124,7 +127,7 @@ class OnnxDecoder:
 class OnnxGenerator:
     """An exported decoder + its tokenizer; `generate` runs prefill then one cached step per new token."""
 
-    def __init__(self, onnx_dir: str | Path, *, int8: bool = False, threads: int | None = None):
+    def __init__(self, onnx_dir: str | Path, *, precision: str = "fp32", threads: int | None = None):
         from tokenizers import Tokenizer
 
         self.dir = Path(onnx_dir)
@@ -132,9 +135,12 @@ class OnnxGenerator:
         if not info_path.is_file():
             raise ConfigError("--onnx", f"{self.dir} has no {EXPORT_FILE}; export one with `prufed export-onnx`")
         self.info = json.loads(info_path.read_text())
-        model_file = self.dir / (INT8_FILE if int8 else ONNX_FILE)
+        if precision not in MODEL_FILES:
+            raise ConfigError("--precision", f"must be one of {', '.join(MODEL_FILES)}, got {precision!r}")
+        model_file = self.dir / MODEL_FILES[precision]
         if not model_file.is_file():
-            raise ConfigError("--int8" if int8 else "--onnx", f"no such file: {model_file}")
+            hint = f" (export with --{precision})" if precision != "fp32" else ""
+            raise ConfigError(f"--{precision}" if precision != "fp32" else "--onnx", f"no such file: {model_file}{hint}")
         kv_shape = (int(self.info["num_key_value_heads"]), int(self.info["head_dim"]))
         self.decoder = OnnxDecoder(model_file, int(self.info["num_layers"]), kv_shape, threads)
         self.tokenizer = Tokenizer.from_file(str(self.dir / "tokenizer.json"))

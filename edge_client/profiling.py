@@ -71,6 +71,14 @@ def probe_bitsandbytes() -> bool:
     return bitsandbytes_available()
 
 
+def probe_bf16_works() -> bool:
+    """A bf16 matmul forward and backward ran correctly on the training device (`edge_client.model.probe_bf16`, the
+    try `prufed doctor` reports)."""
+    from edge_client.model import probe_bf16
+
+    return probe_bf16().ok
+
+
 def _read_text(path: Path) -> str | None:
     try:
         return path.read_bytes().decode(errors="replace").replace("\x00", "").strip() or None
@@ -99,19 +107,10 @@ def probe_jetson(root: str | os.PathLike[str] = "/") -> JetsonInfo | None:
     return JetsonInfo(model=model, l4t_release=parse_tegra_release(release_text) if release_text else None)
 
 
-NATIVE_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
+def _cpu_native_bf16() -> bool:
+    from edge_client.model import native_bf16
 
-
-def cpu_has_native_bf16(root: str | os.PathLike[str] = "/") -> bool:
-    """True when the CPU multiplies bf16 in hardware: x86 flag amx_bf16 or avx512_bf16 in /proc/cpuinfo.
-
-    Elsewhere (no /proc/cpuinfo, ARM) False: torch then emulates bf16 matmuls through fp32, slower than fp32.
-    """
-    text = _read_text(Path(root) / "proc" / "cpuinfo") or ""
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            return any(flag in line.partition(":")[2].split() for flag in NATIVE_BF16_FLAGS)
-    return False
+    return native_bf16("cpu")
 
 
 def probe_temperatures(sensors) -> dict[str, float] | None:
@@ -142,12 +141,13 @@ def profile_device(
     sensors: Any = "psutil",
     cuda: Callable[[], CudaInfo | None] = probe_cuda,
     bnb: Callable[[], bool] = probe_bitsandbytes,
+    bf16: Callable[[], bool] = probe_bf16_works,
     profiles: list[HardwareProfile] | None = None,
     budget_fraction: float = PROBE_BUDGET_FRACTION,
 ) -> HardwareSpec:
     """Probe this machine and name the nearest shipped hardware profile.
 
-    sensors: a psutil-like module (None = no psutil); cuda/bnb: probe callables; profiles: candidates for
+    sensors: a psutil-like module (None = no psutil); cuda/bnb/bf16: probe callables; profiles: candidates for
     `nearest_profile` (default: the shipped YAML files). Memory: VRAM for a discrete GPU; system RAM for a CPU
     or a Jetson (unified), where available = min(CUDA free, RAM available).
     """
@@ -183,7 +183,7 @@ def profile_device(
         compute_capability=gpu.capability if gpu else None,
         bnb_4bit=bnb_ok,
         budget_fraction=budget_fraction,
-        cpu_bf16=cpu_has_native_bf16(root),
+        cpu_bf16=bool(_safe(_cpu_native_bf16)) and bool(_safe(bf16)),  # native, and a bf16 matmul was tried
         default_quant=default_quant,
         system_ram_bytes=ram_total,
         system_available_bytes=ram_available,

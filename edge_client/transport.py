@@ -1,14 +1,21 @@
 """Client library for the aggregator's gRPC API (used by the edge agent, `prufed simulate` and the tests).
 
-Calls do not retry: `TransientError` (UNAVAILABLE, DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED from the transport) means
-"back off and try again", `FatalError` means the server refused the request; both carry the gRPC code and details.
+`address` may list replicas, `HOST:PORT[,HOST:PORT...]`: the channel then balances over all of them with gRPC's own
+policy (round_robin by default: a dead replica's subchannel drops out of the rotation, calls go to the live ones),
+and gRPC's retry policy re-sends a call that failed UNAVAILABLE, on another replica, as long as its messages still
+fit the retry buffer (`RETRY_BUFFER_BYTES`). Beyond that, calls do not retry: `TransientError` (UNAVAILABLE,
+DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED from the transport) means "back off and try again" (the agent does, and the
+channel then picks a live replica), `FatalError` means the server refused the request; both carry the gRPC code
+and details.
 """
 
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import json
 import os
+import socket
 import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -17,7 +24,7 @@ from pathlib import Path
 
 import grpc
 
-from prufed.common.errors import PrufedError
+from prufed.common.errors import ConfigError, PrufedError
 from prufed.common.wire import (
     CHUNK_CAP_BYTES,
     DEFAULT_CHUNK_BYTES,
@@ -30,6 +37,68 @@ from prufed.v1 import aggregator_pb2 as pb
 from prufed.v1 import aggregator_pb2_grpc as pb_grpc
 
 TRANSIENT_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
+LB_POLICIES = ("round_robin", "pick_first")
+RETRY_BUFFER_BYTES = 8 * 1024 * 1024  # per call: uploads up to this size are replayed by gRPC itself on failover
+
+
+def service_config(lb_policy: str = "round_robin") -> str:
+    """gRPC service config: the load-balancing policy plus transparent retries of UNAVAILABLE on every method (safe:
+    the aggregator's calls are idempotent; an upload is recorded once per client and round)."""
+    if lb_policy not in LB_POLICIES:
+        raise ConfigError("--lb-policy", f"must be one of {', '.join(LB_POLICIES)}, got {lb_policy!r}")
+    return json.dumps({
+        "loadBalancingConfig": [{lb_policy: {}}],
+        "methodConfig": [{"name": [{"service": "prufed.v1.Aggregator"}],
+                          "retryPolicy": {"maxAttempts": 5, "initialBackoff": "0.2s", "maxBackoff": "2s",
+                                          "backoffMultiplier": 2, "retryableStatusCodes": ["UNAVAILABLE"]}}]})
+
+
+def parse_addresses(spec: str) -> list[tuple[str, int]]:
+    """`HOST:PORT[,HOST:PORT...]` -> [(host, port)]; errors name --aggregator."""
+    out = []
+    for item in spec.split(","):
+        host, _, port = item.strip().rpartition(":")
+        host = host.strip("[]")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ConfigError("--aggregator", f"must be HOST:PORT[,HOST:PORT...], got {spec!r} ({item!r})")
+        out.append((host, int(port)))
+    return out
+
+
+def channel_target(spec: str) -> tuple[str, str | None]:
+    """(gRPC target, TLS name) for an address list. One address: itself, as before. Several: an `ipv4:`/`ipv6:`
+    multi-address target, hostnames resolved here once; TLS then checks every replica's certificate against the
+    first host's name (give replicas a certificate whose SAN covers it)."""
+    addresses = parse_addresses(spec)
+    if len(addresses) == 1:
+        return spec.strip(), None
+    resolved: list[tuple[int, str, int]] = []
+    for host, port in addresses:
+        try:
+            literal = ipaddress.ip_address(host)
+            resolved.append((literal.version, str(literal), port))
+        except ValueError:
+            try:
+                infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+            except socket.gaierror as exc:
+                raise ConfigError("--aggregator", f"cannot resolve {host!r}: {exc}") from exc
+            for info in infos:
+                ip = ipaddress.ip_address(info[4][0])
+                resolved.append((ip.version, str(ip), port))
+    versions = {v for v, _, _ in resolved}
+    version = 4 if 4 in versions else 6
+    parts = [(f"[{ip}]:{port}" if v == 6 else f"{ip}:{port}") for v, ip, port in dict.fromkeys(resolved) if v == version]
+    first_host = addresses[0][0]
+    tls_name = None if _is_ip(first_host) else first_host
+    return f"ipv{version}:{','.join(parts)}", tls_name
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
 
 
 class TransportError(PrufedError):
@@ -88,27 +157,37 @@ def _training(msg: pb.TrainingParams) -> dict:
 
 
 class AggregatorClient:
-    """One channel to the aggregator. `token` is the per-client bearer token (set by `register`)."""
+    """One channel to the aggregator (one replica or several, see the module doc). `token` is the per-client bearer
+    token (set by `register`)."""
 
     def __init__(self, address: str, token: str | None = None, tls_ca: str | Path | None = None,
                  chunk_size: int = DEFAULT_CHUNK_BYTES, timeout_s: float = 120.0,
-                 client_cert: tuple[str | Path, str | Path] | None = None):
+                 client_cert: tuple[str | Path, str | Path] | None = None, lb_policy: str = "round_robin"):
         if not 1 <= chunk_size <= CHUNK_CAP_BYTES:
             raise ValueError(f"chunk_size must be in [1, {CHUNK_CAP_BYTES}], got {chunk_size}")
         self.address = address
         self.token = token
         self.chunk_size = chunk_size
         self.timeout_s = timeout_s
+        target, server_name = channel_target(address)
         options = [("grpc.max_receive_message_length", MESSAGE_CAP_BYTES),
-                   ("grpc.max_send_message_length", MESSAGE_CAP_BYTES)]
+                   ("grpc.max_send_message_length", MESSAGE_CAP_BYTES),
+                   ("grpc.service_config", service_config(lb_policy)),
+                   ("grpc.enable_retries", 1),
+                   ("grpc.per_rpc_retry_buffer_size", RETRY_BUFFER_BYTES),
+                   # a restarted replica is found again within a second or two, not gRPC's default minutes
+                   ("grpc.initial_reconnect_backoff_ms", 200),
+                   ("grpc.max_reconnect_backoff_ms", 2000)]
+        if server_name and tls_ca is not None:
+            options.append(("grpc.ssl_target_name_override", server_name))
         if tls_ca is not None:
             key = cert = None
             if client_cert is not None:
                 cert, key = (Path(p).read_bytes() for p in client_cert)
             creds = grpc.ssl_channel_credentials(Path(tls_ca).read_bytes(), private_key=key, certificate_chain=cert)
-            self.channel = grpc.secure_channel(address, creds, options=options)
+            self.channel = grpc.secure_channel(target, creds, options=options)
         else:
-            self.channel = grpc.insecure_channel(address, options=options)
+            self.channel = grpc.insecure_channel(target, options=options)
         self.stub = pb_grpc.AggregatorStub(self.channel)
 
     def close(self) -> None:

@@ -259,15 +259,6 @@ def versions() -> dict[str, str]:
 # --state-dir (not committed), so an interrupted run resumes from its last finished round.
 
 
-def cpu_has_bf16() -> bool:
-    """Native bf16 matmul on this CPU (AMX or AVX512-BF16), from /proc/cpuinfo's flags."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        return False
-    return "amx_bf16" in flags or "avx512_bf16" in flags
-
-
 def resolve_device(flag: str) -> str:
     """--device auto|cpu|cuda -> "cpu" or "cuda" (auto = cuda when torch sees a GPU)."""
     from prufed.common.errors import ConfigError
@@ -284,15 +275,17 @@ def resolve_device(flag: str) -> str:
 def resolve_precision(flag: str, device: str) -> str:
     """--precision auto|bf16|fp32 of the frozen base weights (LoRA and optimizer state stay fp32).
 
-    auto = bf16 on a GPU or on a CPU with native bf16 matmul (measured here: 1.45 vs 2.24 s per SmolLM2 step).
+    auto = bf16 where the hardware multiplies bf16 (`edge_client.model.native_bf16`: Ampere+ GPUs, CPUs with AMX or
+    AVX512-BF16; measured here: 1.45 vs 2.24 s per SmolLM2 step), else fp32.
     """
+    from edge_client.model import native_bf16
     from prufed.common.errors import ConfigError
 
     if flag not in ("auto", "bf16", "fp32"):
         raise ConfigError("--precision", f"must be auto, bf16 or fp32, got {flag!r}")
     if flag != "auto":
         return flag
-    return "bf16" if device == "cuda" or cpu_has_bf16() else "fp32"
+    return "bf16" if native_bf16(device) else "fp32"
 
 
 def add_grid_flags(parser) -> None:

@@ -1,27 +1,28 @@
-"""Edge training benchmark: step time, tokens/s and peak memory of LoRA training at several depths, NF4 vs not.
+"""Edge training benchmark: the default CPU training path against the fp32 path it replaced, at several depths.
 
-Every (depth, quant) configuration runs `edge_client.train.train_local` in a FRESH subprocess, so the peak RSS
-(ru_maxrss, whole process: load + train) belongs to that configuration alone; on a GPU the peak is
-torch.cuda.max_memory_allocated over the training steps. Examples are KJV passages long enough that every
-sequence is cut to exactly --seq-len tokens, so every step does the same work.
+Both paths run `edge_client.train.train_local` on the SAME Alpaca examples (same split, seed and data order
+stream), each (depth, path) in a FRESH subprocess with --threads torch threads:
+  fp32 path   (before issue 15) --quant fp32, shuffled batches padded to their longest row, logits at every position
+  default     what `prufed train` does now: --quant auto (bf16 base weights + fp32 LoRA/AdamW where this CPU has
+              native bf16, see edge_client.planning), length-grouped batches, vocabulary projection only at trained
+              positions
+Reported per row:
+  trained tok/s     non-padding tokens of the optimizer steps / training seconds (metrics.json tokens_per_s)
+  tok/CPU-s         the same tokens / the process CPU seconds of those steps (all threads): on a shared machine
+                    the work done, less sensitive than wall time to what else runs
+  held-out loss     masked NLL (nats per response token) on the held-out examples after --steps steps
+Per depth: speedup = default tok/s / fp32 tok/s (target >= 2.0; also given in CPU time) and loss ratio = default loss / fp32 loss
+(target <= 1.02). Writes bench_edge.json (rows, ratios, settings) under --out and prints the table.
 
-Reported per configuration:
-  step_s          median seconds per optimizer step after --warmup steps
-  tokens_per_s    batch · seq_len / step_s
-  peak_mib        measured peak (RSS on CPU, max_memory_allocated on CUDA)
-  pred/meas       edge_client.core.memory.estimate_memory(...).total_bytes / measured peak   (target 0.85..1.15)
-  step ratio      step_s(d) / step_s(L) for the same quant mode       (target <= d/L + 0.15)
-
-Usage: python scripts/bench_edge.py [--depths 30,20,15,10] [--quants nf4,fp32] [--steps 6] [--out runs/bench_edge]
+Usage: python scripts/bench_edge.py [--data ../shared/data/alpaca_5000.json] [--depths 30,20,10] [--steps 50]
+       [--threads 2] [--out runs/bench_edge]
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -30,115 +31,103 @@ from pathlib import Path
 
 from prufed.cli.help import HelpFormatter
 
-PLANNER_TOLERANCE = 0.15
-STEP_SLACK = 0.15
+SPEEDUP_TARGET = 2.0
+LOSS_RATIO_TARGET = 1.02
+PATHS = {  # name -> TrainConfig fields
+    "fp32": {"quant": "fp32", "length_grouped": False, "trained_positions_loss": False},
+    "default": {"quant": "auto", "length_grouped": True, "trained_positions_loss": True},
+}
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=HelpFormatter,
-                                     epilog="example: python scripts/bench_edge.py --depths 30,15 --quants nf4 --steps 4")
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter,
+                                     epilog="example: python scripts/bench_edge.py --depths 30,20,10 --steps 50 "
+                                     "--threads 2")
     parser.add_argument("--model", default="smollm2-135m", help="model alias or local HF directory")
-    parser.add_argument("--depths", default="30,20,15,10", help="comma-separated kept depths (the first full depth "
-                        "present is the baseline; the model's full depth is added when missing)")
-    parser.add_argument("--quants", default="nf4,fp32", help="comma-separated quant modes (nf4, int8, bf16, fp32)")
+    parser.add_argument("--data", type=Path, default=Path("../shared/data/alpaca_5000.json"),
+                        help="Alpaca JSON/JSONL file (relative to the working directory)")
+    parser.add_argument("--examples", type=int, default=800,
+                        help="records of --data used (the first N; 10%% held out by the seeded split)")
+    parser.add_argument("--heldout", type=int, default=48, help="held-out examples scored after training")
+    parser.add_argument("--depths", default="30,20,10", help="comma-separated kept depths")
     parser.add_argument("--strategy", default="top", help="pruning strategy")
-    parser.add_argument("--seq-len", type=int, default=128, help="tokens per example")
-    parser.add_argument("--batch-size", type=int, default=1, help="examples per step")
-    parser.add_argument("--steps", type=int, default=6, help="timed steps per configuration")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed steps first")
-    parser.add_argument("--lora-r", type=int, default=8, help="LoRA rank")
+    parser.add_argument("--seq-len", type=int, default=256, help="max tokens per example")
+    parser.add_argument("--batch-size", type=int, default=4, help="examples per optimizer step")
+    parser.add_argument("--steps", type=int, default=50, help="optimizer steps per run")
+    parser.add_argument("--lr", type=float, default=2e-4, help="peak learning rate")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads per run (0 = torch's default)")
     parser.add_argument("--out", type=Path, default=Path("runs/bench_edge"), help="output directory")
-    parser.add_argument("--worker", type=Path, default=None, help=argparse.SUPPRESS)  # internal: one config -> JSON
+    parser.add_argument("--worker", type=Path, default=None, help=argparse.SUPPRESS)  # internal: one run -> JSON
     parser.add_argument("--depth", type=int, default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--quant", default=None, help=argparse.SUPPRESS)
-    return parser.parse_args(argv)
-
-
-def bench_examples(count: int):
-    """Passages of ~1,500 characters (>300 tokens): every example fills --seq-len after truncation."""
-    from edge_client.corpus import passages
-    from edge_client.data import InstructionExample
-
-    return [InstructionExample("Continue the passage.", "", text) for text in passages("train", count, max_chars=1500)]
+    parser.add_argument("--path", default=None, choices=tuple(PATHS), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    for flag in ("examples", "heldout", "steps", "seq_len", "batch_size"):
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag.replace('_', '-')} must be >= 1")
+    if not args.data.is_file():
+        parser.error(f"--data {args.data}: no such file")
+    return args
 
 
 def worker(args) -> None:
-    """Train one configuration in this process and write its measurements to args.worker."""
+    """Train one (depth, path) in this process and write its measurements to args.worker."""
     import torch
 
     from edge_client.train import TrainConfig, train_local
 
-    stamps: list[float] = []
-    total = args.warmup + args.steps
-    config = TrainConfig(model=args.model, depth=args.depth, strategy=args.strategy, quant=args.quant,
-                         max_steps=total, seq_len=args.seq_len, batch_size=args.batch_size, lora_r=args.lora_r,
-                         eval_fraction=0.0, checkpoint_every=0, warmup_steps=0, verbose=False)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    config = TrainConfig(model=args.model, depth=args.depth, strategy=args.strategy, data=str(args.data),
+                         max_examples=args.examples, eval_fraction=0.1, max_eval_examples=args.heldout,
+                         max_steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
+                         checkpoint_every=0, verbose=False, **PATHS[args.path])
     with tempfile.TemporaryDirectory() as out:
-        stamps.append(time.perf_counter())
-        result = train_local(config, out, examples=bench_examples(total * args.batch_size),
-                             on_step=lambda step, loss: stamps.append(time.perf_counter()))
-    # stamps[0] precedes loading; stamps[i] ends step i. Step i (1-based) lasts stamps[i] - stamps[i-1], i >= 2.
-    step_times = [stamps[i] - stamps[i - 1] for i in range(args.warmup + 1, total + 1)]
-    if args.warmup == 0:  # the first step's start is unknown: fall back to the training loop's own clock
-        step_times.insert(0, result.metrics["train_seconds"] - sum(step_times))
-    metrics = result.metrics
-    cuda = metrics["cuda_max_allocated_bytes"]
+        metrics = train_local(config, out).metrics
+    if metrics["eval_after"] is None:
+        raise SystemExit(f"no held-out example of {args.data} fits --seq-len {args.seq_len}; raise --examples")
     args.worker.write_text(json.dumps({
-        "depth": metrics["depth"], "source_num_layers": metrics["source_num_layers"], "quant": metrics["quant"],
-        "device": metrics["device"], "step_s": statistics.median(step_times), "step_times_s": step_times,
-        "peak_rss_bytes": metrics["peak_rss_bytes"], "cuda_max_allocated_bytes": cuda,
-        "peak_bytes": cuda if cuda else metrics["peak_rss_bytes"],
-        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "depth": metrics["depth"], "path": args.path, "quant": metrics["quant"],
+        "precision": metrics["precision"], "batching": metrics["batching"],
+        "loss_positions": metrics["loss_positions"], "device": metrics["device"],
+        "steps": metrics["steps"], "train_tokens": metrics["train_tokens"],
+        "train_seconds": metrics["train_seconds"], "tokens_per_s": metrics["tokens_per_s"],
+        "train_cpu_seconds": metrics["train_cpu_seconds"],
+        "tokens_per_cpu_s": metrics["train_tokens"] / max(metrics["train_cpu_seconds"], 1e-9),
+        "step_s": metrics["step_time_s"], "heldout_loss": metrics["eval_after"]["loss"],
+        "heldout_loss_before": metrics["eval_before"]["loss"], "heldout_tokens": metrics["eval_after"]["tokens"],
+        "peak_rss_bytes": metrics["peak_rss_bytes"], "torch_threads": torch.get_num_threads(),
     }))
 
 
-def predicted_bytes(model_config: dict, depth: int, quant: str, args, accelerator: str) -> int:
-    from edge_client.core.memory import TrainingSetup, estimate_memory
-
-    setup = TrainingSetup(seq_len=args.seq_len, batch=args.batch_size, lora_r=args.lora_r, quant=quant,
-                          gradient_checkpointing=True, accelerator=accelerator)
-    return estimate_memory(model_config, depth, setup).total_bytes
-
-
-def run_config(args, depth: int, quant: str) -> dict:
+def run_one(args, depth: int, path: str) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         result = Path(tmp) / "result.json"
-        command = [sys.executable, __file__, "--worker", str(result), "--depth", str(depth), "--quant", quant,
-                   "--model", args.model, "--strategy", args.strategy, "--seq-len", str(args.seq_len),
-                   "--batch-size", str(args.batch_size), "--steps", str(args.steps), "--warmup", str(args.warmup),
-                   "--lora-r", str(args.lora_r)]
+        command = [sys.executable, __file__, "--worker", str(result), "--depth", str(depth), "--path", path,
+                   "--model", args.model, "--data", str(args.data), "--examples", str(args.examples),
+                   "--heldout", str(args.heldout), "--strategy", args.strategy, "--seq-len", str(args.seq_len),
+                   "--batch-size", str(args.batch_size), "--steps", str(args.steps), "--lr", str(args.lr),
+                   "--threads", str(args.threads)]
         started = time.perf_counter()
         proc = subprocess.run(command, capture_output=True, text=True)
         if proc.returncode != 0 or not result.is_file():
-            raise SystemExit(f"depth {depth} {quant} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+            raise SystemExit(f"depth {depth} {path} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
         row = json.loads(result.read_text())
         row["wall_s"] = time.perf_counter() - started
         return row
 
 
-def plot(rows: list[dict], path: Path, full_depth: int) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
-    fractions = sorted({row["depth"] / full_depth for row in rows})
-    left.plot(fractions, [f + STEP_SLACK for f in fractions], "k--", label="target d/L + 0.15")
-    for quant in dict.fromkeys(row["quant"] for row in rows):
-        mine = sorted((row for row in rows if row["quant"] == quant), key=lambda row: row["depth"])
-        left.plot([r["depth"] / full_depth for r in mine], [r["step_ratio"] for r in mine], "o-", label=quant)
-        right.plot([r["depth"] for r in mine], [r["peak_bytes"] / 2**20 for r in mine], "o-", label=f"{quant} measured")
-        right.plot([r["depth"] for r in mine], [r["predicted_bytes"] / 2**20 for r in mine], "x:",
-                   label=f"{quant} planner")
-    left.set(xlabel="kept depth d / L", ylabel="step time / full-depth step time", title="step time")
-    right.set(xlabel="kept depth d", ylabel="peak memory (MiB)", title="peak memory vs planner")
-    left.legend()
-    right.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+def compare(rows: list[dict]) -> list[dict]:
+    """Per depth: speedup (default / fp32 trained tok/s) and loss ratio (default / fp32 held-out loss)."""
+    out = []
+    for depth in sorted({row["depth"] for row in rows}, reverse=True):
+        base = next(r for r in rows if r["depth"] == depth and r["path"] == "fp32")
+        new = next(r for r in rows if r["depth"] == depth and r["path"] == "default")
+        speedup = new["tokens_per_s"] / base["tokens_per_s"]
+        loss_ratio = new["heldout_loss"] / base["heldout_loss"]
+        out.append({"depth": depth, "speedup": speedup, "speedup_ok": speedup >= SPEEDUP_TARGET,
+                    "speedup_cpu_time": new["tokens_per_cpu_s"] / base["tokens_per_cpu_s"],
+                    "loss_ratio": loss_ratio, "loss_ok": loss_ratio <= LOSS_RATIO_TARGET})
+    return out
 
 
 def main(argv=None) -> int:
@@ -146,67 +135,47 @@ def main(argv=None) -> int:
     if args.worker is not None:
         worker(args)
         return 0
-    import torch
-
     from edge_client.core.pruning import make_plan
     from edge_client.model import materialize_pruned, num_layers_of
-    from prufed.common.models import read_model_config, resolve_model
+    from prufed.common.models import resolve_model
 
-    base = resolve_model(args.model)
-    full = num_layers_of(base)
-    model_config = read_model_config(base)
+    full = num_layers_of(resolve_model(args.model))
     depths = [int(d) for d in args.depths.split(",") if d.strip()]
-    if full not in depths:
-        depths.insert(0, full)
-    quants = [q.strip() for q in args.quants.split(",") if q.strip()]
-    accelerator = "cuda" if torch.cuda.is_available() else "cpu"
     for depth in depths:  # convert/prune outside the timed subprocesses
         materialize_pruned(args.model, make_plan(args.strategy, full, depth, source_model=args.model))
-
     rows = []
-    for quant in quants:
-        for depth in sorted(depths, reverse=True):
-            row = run_config(args, depth, quant)
-            row["predicted_bytes"] = predicted_bytes(model_config, depth, quant, args, accelerator)
-            row["pred_over_measured"] = row["predicted_bytes"] / row["peak_bytes"]
-            row["tokens_per_s"] = args.batch_size * args.seq_len / row["step_s"]
+    for depth in depths:
+        for path in PATHS:
+            row = run_one(args, depth, path)
             rows.append(row)
-            print(f"  {quant} depth {depth}: {row['step_s']:.3f} s/step, peak {row['peak_bytes'] / 2**20:.0f} MiB "
-                  f"({row['wall_s']:.0f} s)", file=sys.stderr, flush=True)
-    for row in rows:
-        baseline = next(r for r in rows if r["quant"] == row["quant"] and r["depth"] == full)
-        row["step_ratio"] = row["step_s"] / baseline["step_s"]
-        row["step_target"] = row["depth"] / full + STEP_SLACK
-        row["step_ok"] = row["step_ratio"] <= row["step_target"]
-        row["planner_ok"] = abs(row["pred_over_measured"] - 1) <= PLANNER_TOLERANCE
+            print(f"  depth {depth} {path}: {row['tokens_per_s']:.1f} trained tok/s, held-out loss "
+                  f"{row['heldout_loss']:.4f} ({row['wall_s']:.0f} s)", file=sys.stderr, flush=True)
+    ratios = compare(rows)
 
+    settings = {"model": args.model, "data": str(args.data), "examples": args.examples, "heldout": args.heldout,
+                "seq_len": args.seq_len, "batch_size": args.batch_size, "steps": args.steps, "lr": args.lr,
+                "strategy": args.strategy, "threads": args.threads, "cpu_count": os.cpu_count(),
+                "load_average": os.getloadavg(), "paths": PATHS,
+                "targets": {"speedup": SPEEDUP_TARGET, "loss_ratio": LOSS_RATIO_TARGET}}
     args.out.mkdir(parents=True, exist_ok=True)
-    columns = ["quant", "depth", "step_s", "tokens_per_s", "peak_bytes", "predicted_bytes", "pred_over_measured",
-               "planner_ok", "step_ratio", "step_target", "step_ok", "device"]
-    with open(args.out / "bench_edge.csv", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
-    meta = {"model": args.model, "seq_len": args.seq_len, "batch_size": args.batch_size, "steps": args.steps,
-            "warmup": args.warmup, "lora_r": args.lora_r, "strategy": args.strategy, "accelerator": accelerator,
-            "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count()}
-    (args.out / "bench_edge.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
-    plot(rows, args.out / "bench_edge.png", full)
-
-    peak_name = "peak MiB (CUDA alloc)" if accelerator == "cuda" else "peak RSS MiB"
-    header = (f"{'quant':<6}{'depth':>6}{'s/step':>9}{'tok/s':>9}{peak_name:>22}{'planner MiB':>13}"
-              f"{'pred/meas':>11}{'step ratio':>12}{'target':>8}")
-    print(f"bench_edge: {args.model}, seq_len {args.seq_len}, batch {args.batch_size}, {args.steps} timed steps "
-          f"after {args.warmup} warm-up, {accelerator}")
+    (args.out / "bench_edge.json").write_text(json.dumps({"settings": settings, "rows": rows, "ratios": ratios},
+                                                         indent=2) + "\n")
+    print(f"bench_edge: {args.model}, {args.data.name} ({args.examples} records), seq-len {args.seq_len}, batch "
+          f"{args.batch_size}, {args.steps} steps, {args.threads} threads; load average after "
+          f"{settings['load_average'][0]:.1f}")
+    header = (f"{'depth':>5} {'path':<8}{'quant':<6}{'s/step':>8}{'trained tok/s':>15}{'tok/CPU-s':>11}"
+              f"{'held-out loss':>15}{'peak RSS MiB':>14}")
     print(header)
     print("-" * len(header))
     for row in rows:
-        print(f"{row['quant']:<6}{row['depth']:>6}{row['step_s']:>9.3f}{row['tokens_per_s']:>9.1f}"
-              f"{row['peak_bytes'] / 2**20:>22.0f}{row['predicted_bytes'] / 2**20:>13.0f}"
-              f"{row['pred_over_measured']:>10.2f}{'' if row['planner_ok'] else '!'}"
-              f"{row['step_ratio']:>11.2f}{'' if row['step_ok'] else '!'}{row['step_target']:>9.2f}")
-    print(f"('!' = outside target: planner within ±{PLANNER_TOLERANCE:.0%}, step ratio <= d/L + {STEP_SLACK}); "
-          f"wrote {args.out}/bench_edge.csv, .json, .png")
+        print(f"{row['depth']:>5} {row['path']:<8}{row['quant']:<6}{row['step_s']:>8.2f}{row['tokens_per_s']:>15.1f}"
+              f"{row['tokens_per_cpu_s']:>11.1f}{row['heldout_loss']:>15.4f}{row['peak_rss_bytes'] / 2**20:>14.0f}")
+    print(f"\n{'depth':>5}{'speedup (target >= ' + format(SPEEDUP_TARGET, '.1f') + ')':>28}{'in CPU time':>13}"
+          f"{'loss ratio (target <= ' + format(LOSS_RATIO_TARGET, '.2f') + ')':>30}")
+    for item in ratios:
+        print(f"{item['depth']:>5}{item['speedup']:>27.2f}{'' if item['speedup_ok'] else '!'}"
+              f"{item['speedup_cpu_time']:>12.2f}{item['loss_ratio']:>30.4f}{'' if item['loss_ok'] else '!'}")
+    print(f"('!' = target missed); wrote {args.out / 'bench_edge.json'}")
     return 0
 
 

@@ -54,7 +54,7 @@ class Run:
 
 
 def parse_run(name: str) -> Run:
-    from aggregator.core.fedavg_group import parse_mix
+    from aggregator.core.modes import MIX_UPPER, parse_mix
     from prufed.common.errors import ConfigError
 
     if name in ("fedavg-group", "homogeneous", "local"):
@@ -65,7 +65,7 @@ def parse_run(name: str) -> Run:
             if not (math.isfinite(lr) and lr > 0):
                 raise ValueError
             return Run(name, "heteagg", server_lr=lr)
-        for mode, upper in (("mixed", 1.0), ("additive", None)):
+        for mode, upper in MIX_UPPER.items():
             if name.startswith(mode + "-"):
                 return Run(name, mode, mix=parse_mix(name.removeprefix(mode + "-"), upper=upper))
     except (ValueError, ConfigError):
@@ -235,10 +235,8 @@ def run_cell(cell: Cell, ctx: dict, args, checkpoint: Path, config: dict) -> tup
     """(per-depth rows, extra fields) of one federated or local cell, resuming from `checkpoint` when present."""
     import torch
 
-    from aggregator.core.additive import AdditiveAggregator
-    from aggregator.core.fedavg_group import FedAvgGroupAggregator
     from aggregator.core.heteagg import AggregationConfig, HeteAggregator
-    from aggregator.core.mixed import MixedAggregator
+    from aggregator.core.modes import group_aggregator
 
     models: DepthModels = ctx["models"]
     pad_id = ctx["pad_id"]
@@ -269,12 +267,13 @@ def run_cell(cell: Cell, ctx: dict, args, checkpoint: Path, config: dict) -> tup
 
     per_group = cell.run.mode != "heteagg"
     agg_config = AggregationConfig(server_lr=cell.run.server_lr)
-    started = time.time()
+    started, cpu_started = time.time(), time.process_time()
     load = common.load_checkpoint(checkpoint, config)
     if load is not None:
         globals_, curves, start, reports = load["globals"], load["curves"], load["round"] + 1, load["reports"]
         common.log(f"  resuming {checkpoint.stem} after round {load['round']}")
         started -= load["seconds"]
+        cpu_started -= load["cpu_seconds"]
     else:
         init = {k: v.clone() for k, v in ctx["init"].items()}
         globals_ = {d: init for d in depths} if per_group else {None: init}
@@ -288,13 +287,9 @@ def run_cell(cell: Cell, ctx: dict, args, checkpoint: Path, config: dict) -> tup
     depth_of = {layers: d for d, layers in kept.items()}
     for rnd in range(start, args.rounds + 1):
         tick = time.time()
-        if per_group:
-            classes = {"fedavg-group": FedAvgGroupAggregator, "homogeneous": FedAvgGroupAggregator,
-                       "mixed": MixedAggregator, "additive": AdditiveAggregator}
-            cls = classes[cell.run.mode]
-            group_globals = {kept[d]: globals_[d] for d in depths}
-            aggregator = (cls(group_globals, agg_config) if cell.run.mix is None
-                          else cls(group_globals, agg_config, mix=cell.run.mix))
+        if per_group:  # homogeneous: one group (every client at the same depth), FedAvg within it
+            mode = "fedavg-group" if cell.run.mode == "homogeneous" else cell.run.mode
+            aggregator = group_aggregator(mode, {kept[d]: globals_[d] for d in depths}, agg_config, mix=cell.run.mix)
         else:
             aggregator = HeteAggregator(globals_[None], agg_config)
         for index, (depth, rows) in enumerate(clients):
@@ -321,14 +316,17 @@ def run_cell(cell: Cell, ctx: dict, args, checkpoint: Path, config: dict) -> tup
             for d in depths:
                 curves[d].append({"round": rnd, **score(d, globals_[d if per_group else None]),
                                   "round_seconds": round(seconds, 1)})
-            common.log(f"  {cell.run.name} seed {cell.seed} round {rnd}: " + ", ".join(
-                f"d={d} {curves[d][-1]['loss']:.3f}" for d in depths) + f" ({seconds:.0f}s)")
+        common.log(f"  {cell.run.name} seed {cell.seed} round {rnd}: " + (", ".join(
+            f"d={d} {curves[d][-1]['loss']:.3f}" for d in depths) if rnd in args.eval_set else "trained")
+            + f" ({seconds:.0f}s wall, {time.process_time() - cpu_started:.0f}s CPU so far)")
         common.save_checkpoint(checkpoint, {"config": config, "round": rnd, "globals": globals_, "curves": curves,
-                                            "reports": reports, "seconds": time.time() - started})
+                                            "reports": reports, "seconds": time.time() - started,
+                                            "cpu_seconds": time.process_time() - cpu_started})
     rows_out = [{"depth": d, "loss": curves[d][-1]["loss"], "heldout_tokens": curves[d][-1]["tokens"],
                  "curve": curves[d]} for d in depths]
     extra = {"resumed_after_round": load["round"] if load is not None else None,
-             "wall_seconds": round(time.time() - started, 1)}
+             "wall_seconds": round(time.time() - started, 1),
+             "cpu_seconds": round(time.process_time() - cpu_started, 1)}
     if any(r for rep in reports for r in rep.values()):
         extra["mix_per_round"] = reports
     return rows_out, extra
@@ -390,7 +388,7 @@ def run(args: argparse.Namespace) -> int:
     meta = common.cell_meta(device, precision)
     models_cache: dict = {}  # kept layers -> PEFT model
     for number, cell in enumerate(todo, start=1):
-        tick = time.time()
+        tick, cpu_tick = time.time(), time.process_time()
         name = cell.name(budget)
         config = cell_config(args, cell, model_dir)
         common.log(f"[{number}/{len(todo)}] {name}")
@@ -422,7 +420,7 @@ def run(args: argparse.Namespace) -> int:
                        "examples_per_step": args.batch_size},
             "heldout_examples": len(held), "client_examples": [len(r) for _, r in clients],
             "loss_unit": "nats per answer token", "wall_seconds": round(time.time() - tick, 1),
-            "config": config, **meta, **extra,
+            "cpu_seconds": round(time.process_time() - cpu_tick, 1), "config": config, **meta, **extra,
         }
         common.write_cell(args.data_dir / f"{name}.json", cell_out)
         checkpoint.unlink(missing_ok=True)

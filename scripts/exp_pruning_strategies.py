@@ -177,7 +177,7 @@ def run(args: argparse.Namespace) -> int:
                 "exact_match_questions": len(data.generate)}
 
     for number, (strategy, depth, task, seed) in enumerate(todo, start=1):
-        tick = time.time()
+        tick, cpu_tick = time.time(), time.process_time()
         name = cell_file(args, strategy, depth, task, seed)
         common.log(f"[{number}/{len(todo)}] {name}")
         data, train_rows, held_rows = tasks[task]
@@ -207,7 +207,8 @@ def run(args: argparse.Namespace) -> int:
                 "seed": {"training": seed, "partition": None},
                 "budget": {"optimizer_steps_per_client": steps, "examples_per_step": args.batch_size if steps else 0},
                 "heldout_examples": len(held_rows), "loss_unit": "nats per answer token",
-                "wall_seconds": round(time.time() - tick, 1), "config": cell_config(args, strategy, task), **meta}
+                "wall_seconds": round(time.time() - tick, 1), "cpu_seconds": round(time.process_time() - cpu_tick, 1),
+                "config": cell_config(args, strategy, task), **meta}
         common.write_cell(args.data_dir / name, cell)
         common.log(f"  before {before.loss:.3f} after {row['loss']:.3f} "
                    f"em {row.get('exact_match', '-')} ({cell['wall_seconds']:.0f}s)")

@@ -60,15 +60,18 @@ def fast_config(**overrides):
 
 
 def store_args(db_url: str, tmp_path: Path) -> tuple[str, ...]:
-    """`serve`'s blob flags for `db_url`: SQLite keeps blobs beside the file, PostgreSQL in a blob directory."""
-    return () if db_url.startswith("sqlite") else ("--blob-dir", str(tmp_path / "blobs"))
+    """`serve`'s blob flags for `db_url`: SQLite keeps blob files beside its file (the default), PostgreSQL keeps
+    blobs in the database (the replica deployment; partial uploads spool in tmp_path/spool)."""
+    return () if db_url.startswith("sqlite") else ("--blob-store", "db", "--blob-dir", str(tmp_path / "spool"))
 
 
 def make_store(db_url: str, tmp_path: Path):
     """A `Store` on `db_url` with the blob store `store_args` gives a server."""
     from aggregator.state import Store
 
-    return Store(db_url, None if db_url.startswith("sqlite") else tmp_path / "blobs")
+    if db_url.startswith("sqlite"):
+        return Store(db_url)
+    return Store(db_url, tmp_path / "spool", blob_store="db")
 
 
 def start_inprocess(tmp_path: Path, model_dir: Path, config=None, db_url: str | None = None, **kwargs):

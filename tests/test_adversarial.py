@@ -244,3 +244,41 @@ def test_registration_rate_limit_and_client_cap(tmp_path, tiny_model_dir):
     finally:
         server.stop(grace=1)
         store.dispose()
+
+
+def test_concurrent_different_uploads_leave_no_orphan_after_a_sweep(tmp_path, tiny_model_dir):
+    """F2: ten different uploads at once from one client: one is recorded, the rest are refused (stream cap or
+    conflict), and after a sweep every blob file on disk is referenced by a row."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    server, address, store = start_inprocess(tmp_path, tiny_model_dir, fast_config(blob_sweep_grace_s=0.001))
+    try:
+        with AggregatorClient(address) as a, AggregatorClient(address) as b:
+            a.register(ENROLL, A_LAYERS)
+            b.register(ENROLL, B_LAYERS)
+            deadline = time.monotonic() + 20
+            while b.pull_task().kind != "task":
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+            global0 = server.federation.global_state(0)
+
+            def send(seed: int):
+                try:
+                    return b.upload_update(make_delta(global0, B_LAYERS, seed=seed), 1, 7, B_LAYERS).upload_id
+                except Exception as exc:  # FatalError / TransientError carry the status
+                    return exc.code
+
+            with ThreadPoolExecutor(10) as pool:
+                outcomes = list(pool.map(send, range(10)))
+        accepted = [o for o in outcomes if isinstance(o, str)]
+        assert len(accepted) == 1, outcomes
+        assert set(outcomes) - set(accepted) <= {grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.ALREADY_EXISTS}
+        time.sleep(0.01)
+        server.federation.sweep_blobs()
+        with store.read() as tx:
+            referenced = tx.referenced_blobs()
+        on_disk = {p.name for p in store.blobs.root.glob("??/*")}
+        assert on_disk == referenced and list(store.blobs.tmp_dir.iterdir()) == []
+    finally:
+        server.stop(grace=1)
+        store.dispose()

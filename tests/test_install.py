@@ -21,7 +21,7 @@ from packaging.utils import canonicalize_name
 from packaging.version import Version
 
 from prufed.cli import build_parser
-from prufed.cli.extras import COMMAND_EXTRAS, missing_extras, missing_extras_message
+from prufed.cli.extras import COMMAND_EXTRAS, extras_providing, missing_extras, missing_extras_message
 
 REPO = Path(__file__).resolve().parent.parent
 PROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
@@ -96,6 +96,17 @@ def test_missing_extras_reads_requirement_markers():
                        "pip install 'prufed[edge]'")
 
 
+def test_a_missing_module_is_traced_to_the_extra_that_requires_it():
+    lines = [f"{r}; extra == '{extra}'" for extra, reqs in EXTRAS.items() for r in reqs]
+    assert extras_providing("sqlalchemy.engine", lines) == ["aggregator"]
+    assert extras_providing("prometheus_client", lines) == ["aggregator"]
+    assert extras_providing("matplotlib.pyplot", lines) == ["experiments"]
+    assert extras_providing("bitsandbytes", lines) == ["edge"]
+    assert extras_providing("psycopg", lines) == ["postgres"]
+    assert set(extras_providing("transformers", lines)) == {"edge", "aggregator"}
+    assert extras_providing("yaml", lines) == []  # the core's
+
+
 def test_this_environment_has_every_extra():
     """`make` installs `.[all,dev]`: with pyproject.toml's own requirement lines nothing is missing."""
     lines = [f"{r}; extra == '{extra}'" for extra, reqs in EXTRAS.items() for r in reqs
@@ -117,6 +128,7 @@ def _pip_install(python: Path, *args) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1500)  # ~90 s on an idle 2-core machine; two installs and four cold CLI starts under load: minutes
 def test_wheel_installs_by_role_in_a_fresh_venv(tmp_path):
     source = tmp_path / "src"  # a copy, so the build's build/ and *.egg-info never land in the checkout
     shutil.copytree(REPO, source, ignore=shutil.ignore_patterns(
@@ -158,6 +170,10 @@ def test_wheel_installs_by_role_in_a_fresh_venv(tmp_path):
     assert absent.stdout.strip() == "[]", absent.stdout + absent.stderr
     aggregator = _run([prufed, "aggregator", "status", "--db", f"sqlite:///{tmp_path / 'agg.db'}"], cwd=tmp_path)
     assert aggregator.returncode == 2 and "pip install 'prufed[aggregator]'" in aggregator.stderr
+    # A module outside the command's own extra (the aggregator's store, behind export-adapter --db) is traced too.
+    export = _run([prufed, "export-adapter", "--db", f"sqlite:///{tmp_path / 'agg.db'}", "--out", tmp_path / "x"],
+                  cwd=tmp_path)
+    assert export.returncode == 2 and export.stderr.strip().endswith("pip install 'prufed[aggregator]'"), export.stderr
 
     # Everything installed came from the lock file, at its versions.
     freeze = _run([sys.executable, "-m", "pip", "--python", python, "list", "--format", "json"])

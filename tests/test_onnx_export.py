@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from edge_client.core.pruning import make_plan
+from edge_client.global_adapter import read_global_adapter, resolve_source
 from edge_client.model import attach_lora, load_base_model, load_model_dir, prune_model, read_plan, save_pruned
-from edge_client.onnx_export import FP32_TOLERANCE, ExportError, export_onnx, read_global_adapter, resolve_source
+from edge_client.onnx_export import FP32_TOLERANCE, INT4_ALGORITHM, INT4_BLOCK_SIZE, ExportError, export_onnx
 from edge_client.onnx_generate import OnnxDecoder, OnnxGenerator, SamplingConfig, left_pad, position_ids_for
 from prufed.common.adapter_format import DELTA_FORMAT, GLOBAL_FORMAT, AdapterMeta, save_adapter
 from prufed.common.errors import ConfigError
@@ -19,6 +20,8 @@ from prufed.common.models import fingerprint_model_dir
 from prufed.common.peft_bridge import adapter_state, load_adapter_state
 
 KEEP = 5
+#: Max |logit diff| of the int4 graph vs torch, as a fraction of max |logit| (tiny random model).
+INT4_PARITY = 0.25
 PROMPTS = ["Let there be light", "In the beginning God created the heaven and the earth, and", "Amen"]
 
 
@@ -58,7 +61,7 @@ def _torch_logits(model, rows) -> np.ndarray:
 @pytest.fixture(scope="module")
 def plain_export(tiny_model_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("onnx") / "plain"
-    info = export_onnx(resolve_source(str(tiny_model_dir), keep=KEEP, strategy="top"), out, int8=True)
+    info = export_onnx(resolve_source(str(tiny_model_dir), keep=KEEP, strategy="top"), out, int8=True, int4=True)
     return out, info
 
 
@@ -81,7 +84,7 @@ def adapter_export(tiny_model_dir, pruned_dir, tmp_path_factory):
 
 def test_export_writes_files_and_export_json(plain_export, tiny_model_dir):
     out, info = plain_export
-    for name in ("model.onnx", "model.int8.onnx", "tokenizer.json", "pruning.json", "export.json"):
+    for name in ("model.onnx", "model.int8.onnx", "model.int4.onnx", "tokenizer.json", "pruning.json", "export.json"):
         assert (out / name).is_file(), name
     assert json.loads((out / "export.json").read_text()) == info
     plan = make_plan("top", 8, KEEP)
@@ -90,7 +93,7 @@ def test_export_writes_files_and_export_json(plain_export, tiny_model_dir):
     assert info["source_fingerprint"] == fingerprint_model_dir(Path(info["source_model"]))
     assert info["source_fingerprint"] != info["base_fingerprint"]
     assert (info["num_layers"], info["opset"], info["adapter"]) == (KEEP, 17, None)
-    assert info["files"] == {"fp32": "model.onnx", "int8": "model.int8.onnx"}
+    assert info["files"] == {"fp32": "model.onnx", "int8": "model.int8.onnx", "int4": "model.int4.onnx"}
     fp32 = info["parity"]["fp32"]
     assert max(fp32["prefill_max_abs_diff"], fp32["decode_max_abs_diff"]) <= FP32_TOLERANCE
     assert info["parity"]["int8"]["prefill_max_abs_diff"] > 0  # int8 really quantized something
@@ -204,9 +207,9 @@ def test_mismatched_pruning_and_source_flags(tiny_model_dir, tmp_path):
     (wrong / "pruning.json").write_text(make_plan("top", 12, 6).to_json())
     with pytest.raises(ConfigError, match=r"--pruning.*12-layer.*8 layers"):
         resolve_source(str(tiny_model_dir), pruning=wrong)
-    with pytest.raises(ConfigError, match="exactly one"):
+    with pytest.raises(ConfigError, match="--pruning.*not both"):
         resolve_source(str(tiny_model_dir), pruning=wrong, keep=3)
-    with pytest.raises(ConfigError, match="exactly one"):
+    with pytest.raises(ConfigError, match="--pruning.*or pass a `prufed prune` output"):
         resolve_source(str(tiny_model_dir))
     with pytest.raises(ConfigError, match="--pruning.*pruning.json"):
         resolve_source(str(tiny_model_dir), pruning=tmp_path)
@@ -219,3 +222,66 @@ def test_parity_failure_is_loud_and_leaves_no_output(tiny_model_dir, tmp_path):
         export_onnx(resolve_source(str(tiny_model_dir), keep=2), tmp_path / "out", tolerance=-1.0)
     assert not (tmp_path / "out").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out-")]
+
+
+def test_int4_copy_is_weight_only_4bit_on_every_projection(plain_export):
+    """Every constant-weight MatMul (q, k, v, o, gate, up, down of each kept layer, and the LM head) becomes a
+    MatMulNBits with 4-bit weights in blocks of INT4_BLOCK_SIZE; no float projection is left."""
+    import onnx
+
+    out, info = plain_export
+    nodes = onnx.load(str(out / "model.int4.onnx")).graph.node
+    nbits = [n for n in nodes if n.op_type == "MatMulNBits"]
+    attrs = [{a.name: onnx.helper.get_attribute_value(a) for a in n.attribute} for n in nbits]
+    assert len(nbits) == 7 * KEEP + 1
+    assert {(a["bits"], a["block_size"], a["accuracy_level"]) for a in attrs} == {(4, INT4_BLOCK_SIZE, 4)}
+    assert not [n for n in nodes if n.op_type == "MatMul" and "_proj/" in n.name]
+    assert info["int4"] == {"algorithm": INT4_ALGORITHM, "block_size": INT4_BLOCK_SIZE, "bits": 4, "accuracy_level": 4}
+    # 0.5 B per weight + a scale and zero point per block vs 4 B in fp32 (the tiny embedding table stays fp32)
+    assert (out / "model.int4.onnx").stat().st_size < 0.5 * (out / "model.onnx").stat().st_size
+
+
+def test_int4_parity_to_torch_within_its_bound(plain_export):
+    """The int4 graph tracks torch within INT4_PARITY of the logit scale, on the left-padded prefill and the
+    cached decode step (the tiny random model's logits are near-flat, so argmax is not a useful check here)."""
+    _, info = plain_export
+    check = info["parity"]["int4"]
+    scale = check["max_abs_logit"]
+    assert 0 < check["prefill_max_abs_diff"] <= INT4_PARITY * scale  # > 0: it really quantized
+    assert check["decode_max_abs_diff"] <= INT4_PARITY * scale
+    # int4 error is larger than int8's weight error, and far larger than fp32 rounding
+    assert check["prefill_max_abs_diff"] > 10 * info["parity"]["fp32"]["prefill_max_abs_diff"]
+
+
+def test_cli_export_accepts_a_pruned_directory_as_model(pruned_dir, tmp_path, capsys):
+    """`prufed export-onnx --model <prufed prune output>` reads its pruning.json (no --pruning/--keep needed)."""
+    from prufed.cli import main
+
+    out = tmp_path / "onnx"
+    assert main(["export-onnx", "--model", str(pruned_dir), "--out", str(out), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["kept_layers"] == list(read_plan(pruned_dir).kept_layers) and info["num_layers"] == KEEP
+    assert Path(info["source_model"]) == pruned_dir
+    assert info["base_fingerprint"] == fingerprint_model_dir(Path(read_plan(pruned_dir).source_model))
+    assert main(["export-onnx", "--model", str(pruned_dir), "--keep", "3", "--out", str(tmp_path / "x")]) == 2
+    assert "error: --keep" in capsys.readouterr().err
+
+
+def test_generate_runs_the_int4_copy(plain_export, capsys):
+    from prufed.cli import main
+
+    out, _ = plain_export
+    ids = OnnxGenerator(out, precision="int4").generate_ids([[5, 6, 7]], SamplingConfig(max_new_tokens=4))[0]
+    assert 0 < len(ids) <= 4
+    assert main(["generate", "--onnx", str(out), "--int4", "--prompt", "Amen", "--max-new-tokens", "4"]) == 0
+    capsys.readouterr()
+    with pytest.raises(SystemExit):  # argparse: --int4 and --int8 exclude each other
+        main(["generate", "--onnx", str(out), "--int4", "--int8", "--prompt", "Amen"])
+
+
+def test_cli_int4_defaults_are_the_exporters():
+    """prufed.cli.onnx repeats the defaults (importing the exporter would pull torch into `--help`): keep them equal."""
+    from prufed.cli import build_parser
+
+    args = build_parser().parse_args(["export-onnx", "--keep", "2", "--out", "x", "--int4"])
+    assert (args.int4_block_size, args.int4_algorithm) == (INT4_BLOCK_SIZE, INT4_ALGORITHM)

@@ -20,7 +20,8 @@ PROMPT = "And God said"
 
 @pytest.fixture(scope="module")
 def onnx_dir(tiny_model_dir, tmp_path_factory):
-    from edge_client.onnx_export import export_onnx, resolve_source
+    from edge_client.global_adapter import resolve_source
+    from edge_client.onnx_export import export_onnx
 
     out = tmp_path_factory.mktemp("gen") / "onnx"
     export_onnx(resolve_source(str(tiny_model_dir), keep=4, strategy="top"), out)

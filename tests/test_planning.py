@@ -17,7 +17,6 @@ from edge_client.core.hardware import HardwareSpec
 from edge_client.core.memory import GIB, QUANT_CHOICES, RUNTIME_BYTES, BudgetTooSmall, TrainingSetup
 from edge_client.hardware_profiles import load_profiles
 from edge_client.planning import CPU_SPEED_ORDER, auto_quant_candidates, device_spec, plan_training
-from edge_client.profiling import cpu_has_native_bf16
 from prufed import cli
 
 REPO = Path(__file__).resolve().parents[1]
@@ -134,15 +133,13 @@ def test_cpu_auto_picks_the_fastest_that_fits_and_prefers_depth():
         plan_training(config, _cpu(0.5, bf16=True), TrainingSetup(), depth="auto")
 
 
-def test_native_bf16_is_read_from_cpu_flags(tmp_path):
-    (tmp_path / "proc").mkdir()
-    cpuinfo = tmp_path / "proc" / "cpuinfo"
-    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f amx_tile amx_bf16\n")
-    assert cpu_has_native_bf16(tmp_path)
-    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f\n")
-    assert not cpu_has_native_bf16(tmp_path)
-    cpuinfo.unlink()
-    assert not cpu_has_native_bf16(tmp_path)
+def test_this_machine_reports_its_cpu_bf16_to_the_planner():
+    from edge_client.model import native_bf16
+    from edge_client.profiling import profile_device
+
+    spec = profile_device()
+    assert spec.cpu_bf16 == native_bf16("cpu")
+    assert ("bf16" in auto_quant_candidates(spec)) == (spec.accelerator == "cpu" and spec.cpu_bf16)
 
 
 def test_readme_planner_table_is_generated(tmp_path):

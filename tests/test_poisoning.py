@@ -53,8 +53,8 @@ def flt_max_delta(global_state, layers) -> dict[str, torch.Tensor]:
     return {k: torch.full_like(v, FLT_MAX) for k, v in make_delta(global_state, layers, seed=0).items()}
 
 
-def test_flt_max_attacker_is_clipped_and_capped(tmp_path, tiny_model_dir):
-    fed = make_fed(tmp_path, tiny_model_dir, rounds=1, min_clients=2)
+def test_flt_max_attacker_is_clipped_and_capped(db_url, tmp_path, tiny_model_dir):
+    fed = make_fed(db_url, tmp_path, tiny_model_dir, rounds=1, min_clients=2)
     attacker, _ = fed.clients.register(list(range(8)), {})
     honest, _ = fed.clients.register([1, 5], {})
     fed.tick()
@@ -76,8 +76,8 @@ def test_flt_max_attacker_is_clipped_and_capped(tmp_path, tiny_model_dir):
     assert metrics["clipped"] == 1 and metrics["weights_capped"] == 1
 
 
-def test_round_with_a_runaway_result_fails_and_keeps_the_global(tmp_path, tiny_model_dir):
-    fed = make_fed(tmp_path, tiny_model_dir, rounds=2, min_clients=1, quorum_fraction=1.0)
+def test_round_with_a_runaway_result_fails_and_keeps_the_global(db_url, tmp_path, tiny_model_dir):
+    fed = make_fed(db_url, tmp_path, tiny_model_dir, rounds=2, min_clients=1, quorum_fraction=1.0)
     alone, _ = fed.clients.register(list(range(8)), {})
     fed.tick()
     g0 = fed.global_state(0)

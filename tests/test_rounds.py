@@ -187,3 +187,16 @@ def test_config_validation_names_the_field(tmp_path):
     assert config.rounds == 7 and config.lora_targets == ("q_proj", "k_proj")
     with pytest.raises(ConfigError, match="^--config"):
         load_config(tmp_path / "missing.yaml")
+
+
+def test_rounds_sample_only_clients_seen_within_the_liveness_window(db_url, tmp_path, tiny_model_dir):
+    fed = make_fed(db_url, tmp_path, tiny_model_dir, min_clients=2, active_window_s=100)
+    gone = [fed.clients.register([0, 1], {})[0] for _ in range(3)]  # register, then never come back
+    fed.clock.now += 150
+    assert fed.tick() == [] and fed.status()["rounds"] == []  # nobody live: no round
+    live = [fed.clients.register([2, 3], {})[0] for _ in range(2)]
+    fed.tick()
+    [row] = fed.status()["rounds"]
+    assert row["sampled"] == 2
+    assert all(fed.rounds.pull_task(c).kind == TASK for c in live)
+    assert all(fed.rounds.pull_task(c).reason == "not sampled for round 1" for c in gone)

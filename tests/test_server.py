@@ -75,6 +75,8 @@ def test_full_round_two_depths(served):
         assert status["clients_per_depth"] == {3: 1, 8: 1}
         assert status["rounds"][0]["state"] == "closed" and status["rounds"][0]["uploads"] == 2
         assert status["last_metrics"]["examples"] == 40
+        # the closing replica's host:pid stays on the server side
+        assert "closed_by" not in status["last_metrics"] and server.federation.status()["last_metrics"]["closed_by"]
         new_global = server.federation.global_state(1)
         # layers held only by the deep client moved; nobody held a key outside the global's
         changed = {k for k in new_global if not torch.equal(new_global[k], global_state[k])}
@@ -148,6 +150,39 @@ def test_tls_and_mtls(tmp_path, tiny_model_dir):
         store.dispose()
 
 
+def test_mtls_binds_the_client_certificate_to_the_client_id(tmp_path, tiny_model_dir):
+    from aggregator.server import TLSConfig
+
+    cert, key = self_signed_cert(tmp_path, "server")
+    first, other = self_signed_cert(tmp_path, "edge-1", cn="edge-1"), self_signed_cert(tmp_path, "edge-2", cn="edge-2")
+    bundle = tmp_path / "client-ca.pem"
+    bundle.write_bytes(first[0].read_bytes() + other[0].read_bytes())  # the server trusts both client certs
+    server, address, store = start_inprocess(tmp_path, tiny_model_dir, tls=TLSConfig(cert, key, bundle))
+    target = f"localhost:{address.rsplit(':', 1)[1]}"
+    try:
+        with AggregatorClient(target, tls_ca=cert, client_cert=first) as owner:
+            reg = owner.register(ENROLL, [0, 1])
+            assert owner.pull_task().kind == "wait"
+        with AggregatorClient(target, tls_ca=cert, client_cert=other, token=reg.token) as thief:
+            for call in (thief.pull_task, thief.download_global):
+                with pytest.raises(FatalError) as stolen:
+                    call()
+                assert stolen.value.code == grpc.StatusCode.PERMISSION_DENIED
+                assert f"is not the one client {reg.client_id} registered with" in stolen.value.details
+    finally:
+        server.stop(grace=1)
+        store.dispose()
+
+
+@pytest.mark.parametrize("host,loopback", [("127.0.0.1", True), ("127.9.8.7", True), ("::1", True), ("[::1]", True),
+                                           ("localhost", True), ("0.0.0.0", False), ("10.1.2.3", False),
+                                           ("::", False), ("127.evil.invalid", False), ("127.0.0.1.invalid", False)])
+def test_loopback_check_parses_and_resolves(host, loopback):
+    from prufed.common.net import is_loopback_host
+
+    assert is_loopback_host(host) is loopback
+
+
 def test_cli_serve_port0_sigterm_and_status(tmp_path, tiny_model_dir):
     db = f"sqlite:///{tmp_path / 'agg.db'}"
     proc = ServerProcess(db, tiny_model_dir, write_yaml_config(tmp_path / "agg.yaml"))
@@ -174,11 +209,14 @@ def test_cli_serve_flag_errors(tmp_path, tiny_model_dir, capsys):
     from prufed.cli import main
 
     base = ["aggregator", "serve", "--db", f"sqlite:///{tmp_path / 'a.db'}", "--model", str(tiny_model_dir)]
-    cases = [([], "--enroll-token"), (["--enroll-token", ENROLL, "--tls-cert", "x.crt"], "--tls-cert"),
+    cases = [(["--listen", "0.0.0.0:0", "--insecure"], "--enroll-token"),  # off loopback a token is mandatory
+             (["--enroll-token", ENROLL, "--tls-cert", "x.crt"], "--tls-cert"),
              (["--enroll-token", "short"], "--enroll-token"), (["--tokens-file", str(tmp_path / "no")], "--tokens-file"),
              (["--enroll-token", ENROLL, "--rounds", "0"], "rounds"),
              (["--enroll-token", ENROLL, "--listen", "0.0.0.0:0"], "--listen"),
-             (["--enroll-token", ENROLL, "--listen", "nohost"], "--listen")]
+             (["--enroll-token", ENROLL, "--listen", "nohost"], "--listen"),
+             (["--enroll-token", ENROLL, "--max-num-examples", str(2**31)], "max_num_examples"),
+             (["--enroll-token", ENROLL, "--stream-idle-s", "0"], "stream_idle_s")]
     for extra, flag in cases:
         assert main(base + extra) == 2
         assert f"error: {flag}" in capsys.readouterr().err, extra

@@ -48,27 +48,44 @@ def test_smoke_simulation_writes_report(tmp_path, tiny_model_dir):
     assert report["aggregator_totals"]["bytes_up"] == report["agent_totals"]["bytes_up"]
     assert report["aggregator_totals"]["bytes_down"] == report["agent_totals"]["bytes_down"]
     assert set(report["heldout_loss_round0"]) == {"8", "6", "4"}
+    # federated evaluation: each agent scored the round's global on its own held-out examples before training
+    evaluating = {str(c["depth"]) for c in report["clients"] if c["num_examples"] >= 2}  # 1 example: nothing to hold out
+    assert evaluating
+    for row in report["rounds"]:
+        assert set(row["federated_eval"]) == evaluating and set(row["federated_eval_examples"]) == evaluating
+        assert all(0 < v < 20 for v in row["federated_eval"].values())
+        assert all(n >= 1 for n in row["federated_eval_examples"].values())
+    assert report["mode"] == "heteagg" and report["groups"] == []
     # private shards were written, and agents exited (no leftover processes hold the DB)
     assert all((out / "clients" / str(i) / "data.jsonl").is_file() for i in range(3))
     md = (out / "report.md").read_text()
-    assert "| round |" in md and "held-out d8" in md and "\n| 2 | 8:1 6:1 4:1 |" in md
+    assert "| round |" in md and "held-out d8" in md and "fed-eval d8" in md and "\n| 2 | 8:1 6:1 4:1 |" in md
     assert (out / "loss_per_depth.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     # Running again into the same --out (`make demo` twice) starts a new federation instead of resuming the
     # finished agents' state against a fresh aggregator; a stale SQLite journal from a killed run is not replayed.
+    # This run keeps one global per depth group (--mode mixed), which the report lists.
     (out / "agg.db-wal").write_bytes(b"stale journal of a killed run")
     again = subprocess.run(
         [sys.executable, "-m", "prufed", "simulate", "--smoke", "--model", str(tiny_model_dir), "--depths", "8,6,4",
-         "--rounds", "1", "--data", str(tmp_path / "data.jsonl"), "--out", str(out), "--json"],
+         "--rounds", "1", "--data", str(tmp_path / "data.jsonl"), "--out", str(out), "--json", "--mode", "mixed",
+         "--mix", "0.5"],
         cwd=REPO, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert [r["round"] for r in json.loads((out / "report.json").read_text())["rounds"]] == [1]
+    report = json.loads((out / "report.json").read_text())
+    assert [r["round"] for r in report["rounds"]] == [1]
+    assert (report["mode"], report["mix"]) == ("mixed", 0.5)
+    assert sorted(g["depth"] for g in report["groups"]) == [4, 6, 8] and len({g["sha256"] for g in report["groups"]}) == 3
+    assert sorted(len(g["group"]) for g in report["rounds"][0]["groups"]) == [4, 6, 8]
+    assert set(report["rounds"][0]["federated_eval"]) == evaluating
+    assert "## Depth groups" in (out / "report.md").read_text()
 
 
 def test_table_and_report_from_rows(tmp_path):
     """The report maths without processes: baseline columns, overhead and totals."""
     config = SimulationConfig(out=tmp_path, clients=2, depths=(4, 2))
     row = {"round": 1, "clients_per_depth": {4: 1, 2: 1}, "train_loss": 2.0, "heldout_loss": {4: 1.5, 2: 1.8},
+           "federated_eval": {4: 2.25},
            "bytes_up": 2048, "bytes_down": 4096, "seconds": 10.0, "slowest_train_s": 9.5, "overhead": 0.05}
     hetero = FederationRun("heteagg", rows=[row], eval_round0={4: 2.0, 2: 2.1}, clients=[], wall_s=12.0)
     base = FederationRun("fedavg-4", rows=[dict(row, heldout_loss={4: 1.6})], eval_round0={4: 2.0})
@@ -77,9 +94,11 @@ def test_table_and_report_from_rows(tmp_path):
     assert report["mean_overhead"] == pytest.approx(0.05)
     assert report["agent_totals"] == {"bytes_up": 2048, "bytes_down": 4096}
     header, lines = table_rows(json.loads(json.dumps(report)))
-    assert header[:5] == ["round", "clients/depth", "train loss", "held-out d4", "held-out d2"]
+    assert header[:7] == ["round", "clients/depth", "train loss", "held-out d4", "held-out d2", "fed-eval d4",
+                          "fed-eval d2"]
     assert "FedAvg-only d4" in header
     assert lines[1][header.index("FedAvg-only d4")] == "1.6000"
+    assert lines[1][header.index("fed-eval d4")] == "2.2500" and lines[1][header.index("fed-eval d2")] == "–"
     assert lines[1][-1] == "5.0%" and lines[1][header.index("KiB up")] == "2"
 
 

@@ -13,7 +13,8 @@ import sys
 from collections.abc import Sequence
 
 from prufed import __version__
-from prufed.cli.extras import COMMAND_EXTRAS, install_hint, missing_extras, missing_extras_message
+from prufed.cli import quiet
+from prufed.cli.extras import COMMAND_EXTRAS, extras_providing, install_hint, missing_extras, missing_extras_message
 from prufed.common.errors import PrufedError
 
 COMMAND_MODULES: tuple[str, ...] = (
@@ -26,6 +27,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "prufed.cli.simulate",  # simulate
     "prufed.cli.onnx",  # export-onnx, generate
     "prufed.cli.doctor",  # doctor
+    "prufed.cli.export_adapter",  # export-adapter
 )
 FIRST_PARTY = ("prufed", "edge_client", "aggregator")
 
@@ -37,9 +39,11 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Run `prufed COMMAND --help` for a command's options. Errors exit with status 2.",
     )
     parser.add_argument("--version", action="version", version=f"prufed {__version__}")
+    parser.add_argument("--verbose", action="store_true", help=quiet.VERBOSE_HELP)
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for module_name in COMMAND_MODULES:
         importlib.import_module(module_name).register(subparsers)
+    quiet.add_verbose_flag(parser)
     return parser
 
 
@@ -51,16 +55,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     if missing:
         print(f"error: {missing_extras_message(args.command, missing)}", file=sys.stderr)
         return 2
+    quiet.configure(args.verbose)
     try:
         return int(args.func(args) or 0)
     except PrufedError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except ModuleNotFoundError as exc:
-        # Reached only without installed metadata (a source checkout on PYTHONPATH) or a broken environment.
+        # A module outside the command's own extras (export-adapter --db needs the aggregator's store), a
+        # source checkout on PYTHONPATH (no metadata to check up front) or a broken environment.
         if exc.name is None or exc.name.partition(".")[0] in FIRST_PARTY:
             raise
-        hint = install_hint(extras) if extras else "pip install --force-reinstall prufed"
+        providers = extras_providing(exc.name)
+        needed = [extra for extra in providers if extra in extras] or providers or list(extras)
+        hint = install_hint(needed) if needed else "pip install --force-reinstall prufed"
         print(f"error: {exc.name} is not installed; `prufed {args.command}` needs {hint}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

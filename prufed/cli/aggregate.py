@@ -16,10 +16,9 @@ import sys
 from pathlib import Path
 
 from prufed.cli.help import HelpFormatter
+from prufed.cli.modes import add_mode_arguments
 from prufed.common.errors import ConfigError, PrufedError
 
-GROUP_MODES = ("fedavg-group", "mixed", "additive")
-ALL_MODES = ("heteagg", "fedavg", *GROUP_MODES)
 INDEX = "index.json"
 
 
@@ -49,12 +48,7 @@ def register(subparsers) -> None:
                         help="where to write the new global adapter; a directory for a per-group mode")
     parser.add_argument("--weighting", default="examples",
                         help="client weight: examples (its num_examples) or uniform (1 for every client)")
-    parser.add_argument("--mode", default="heteagg",
-                        help="heteagg averages each tensor over its holders; fedavg demands identical key sets; "
-                        "fedavg-group, mixed and additive keep one global per depth group")
-    parser.add_argument("--mix", default=None,
-                        help="mixed: X in [0, 1] (0 = fedavg-group, 1 = heteagg); additive: X >= 0 (0 = "
-                        "fedavg-group); or auto, per layer from agreement (default for both)")
+    add_mode_arguments(parser)
     parser.add_argument("--space", default="factors",
                         help="factors: average lora_A and lora_B separately; product: average the exact products "
                         "B·A, then truncated SVD back to rank r")
@@ -132,33 +126,25 @@ def _group_file(group: tuple[int, ...]) -> str:
 
 
 def _make_aggregator(args, config, initial, globals_):
-    from aggregator.core.additive import AdditiveAggregator
-    from aggregator.core.fedavg_group import FedAvgGroupAggregator, parse_mix
     from aggregator.core.heteagg import HeteAggregator
-    from aggregator.core.mixed import MixedAggregator
+    from aggregator.core.modes import check_mode, group_aggregator, is_group_mode
 
-    if args.mode not in GROUP_MODES:
-        if args.mix is not None:
-            raise ConfigError("--mix", f"only applies to --mode mixed or additive, not {args.mode}")
-        return HeteAggregator(initial, config)
-    if args.mode == "fedavg-group":
-        if args.mix is not None:
-            raise ConfigError("--mix", "only applies to --mode mixed or additive, not fedavg-group")
-        return FedAvgGroupAggregator(globals_, config, initial)
-    mix = parse_mix("auto" if args.mix is None else args.mix, upper=1.0 if args.mode == "mixed" else None)
-    cls = MixedAggregator if args.mode == "mixed" else AdditiveAggregator
-    return cls(globals_, config, initial, mix=mix)
+    mix = check_mode(args.mode, args.mix)
+    if is_group_mode(args.mode):
+        return group_aggregator(args.mode, globals_, config, initial, mix)
+    return HeteAggregator(initial, config)
 
 
 def cmd_aggregate(args: argparse.Namespace) -> int:
     from aggregator.core.heteagg import AggregationConfig
+    from aggregator.core.modes import check_mode, is_group_mode
     from aggregator.core.validate import UpdateRejected
     from prufed.common.adapter_format import GLOBAL_FORMAT, AdapterMeta, save_adapter
     from prufed.common.fsio import atomic_write_text
+    from prufed.common.refusals import RefusalCode
 
-    if args.mode not in ALL_MODES:
-        raise ConfigError("--mode", f"must be one of {', '.join(ALL_MODES)}, got {args.mode!r}")
-    per_group = args.mode in GROUP_MODES
+    check_mode(args.mode, args.mix)  # before any file is read
+    per_group = is_group_mode(args.mode)
     config = AggregationConfig(weighting=args.weighting, mode="fedavg" if args.mode == "fedavg" else "heteagg",
                                space=args.space, server_lr=args.server_lr, clip_norm=args.clip_norm,
                                trim_fraction=args.trim_fraction)
@@ -182,7 +168,7 @@ def cmd_aggregate(args: argparse.Namespace) -> int:
             try:
                 tensors, meta = _check_update(path, reference, global_meta)
                 if per_group and initial is None and tuple(meta.kept_layers) not in globals_:
-                    raise UpdateRejected("unknown_group", f"kept layers {list(meta.kept_layers)} have no global in "
+                    raise UpdateRejected(RefusalCode.BAD_KEPT_LAYERS, f"kept layers {list(meta.kept_layers)} have no global in "
                                          f"{args.global_path / INDEX}")
             except UpdateRejected as exc:
                 rejected.append({"path": str(path), "code": exc.code, "reason": str(exc)})

@@ -21,9 +21,14 @@ STATUS_EPILOG = """example:
   prufed aggregator status --db sqlite:///runs/agg.db --json
 """
 
+TOKEN_SUFFIX = ".enroll-token"  #: beside the SQLite file: <db file>.enroll-token
+
 # CLI flags that override a field of the same name in --config (None = keep the YAML/default value).
 OVERRIDES = ("rounds", "min_clients", "clients_fraction", "quorum_fraction", "min_updates", "deadline_s",
-             "max_extensions", "seed", "max_upload_mib", "chunk_size")
+             "max_extensions", "seed", "max_upload_mib", "chunk_size", "active_window_s", "max_num_examples",
+             "max_clients", "max_concurrent_uploads", "stream_idle_s", "upload_deadline_s")
+FLOAT_OVERRIDES = frozenset({"clients_fraction", "quorum_fraction", "deadline_s", "max_upload_mib", "active_window_s",
+                             "stream_idle_s", "upload_deadline_s"})
 
 
 def register(subparsers) -> None:
@@ -36,8 +41,13 @@ def register(subparsers) -> None:
                            description="Serve Register/PullTask/DownloadGlobal/UploadUpdate/Status until SIGTERM.")
     serve.add_argument("--listen", default="127.0.0.1:50051", help="HOST:PORT to bind (port 0 picks a free one)")
     serve.add_argument("--db", required=True, help="database URL: sqlite:///path.db or postgresql+psycopg://...")
+    serve.add_argument("--blob-store", choices=("dir", "db"), default="dir",
+                       help="where uploads and global versions live: dir = files in --blob-dir (default); db = ~1 MiB "
+                            "chunk rows in the database itself, so replicas on several hosts share nothing else")
     serve.add_argument("--blob-dir", default=None, help="blob directory (default: <db file>.blobs; required for "
-                                                        "non-SQLite databases)")
+                                                        "non-SQLite databases with --blob-store dir); with "
+                                                        "--blob-store db only partial uploads spool here "
+                                                        "(default: the system temp dir)")
     serve.add_argument("--model", default=None, help="base model: an alias (smollm2-135m) or a local HF directory "
                                                      "(default: smollm2-135m)")
     serve.add_argument("--config", default=None, help="aggregator.yaml with AggregatorConfig fields")
@@ -45,16 +55,18 @@ def register(subparsers) -> None:
     serve.add_argument("--tls-key", default=None, help="PEM private key for --tls-cert")
     serve.add_argument("--tls-client-ca", default=None, help="PEM CA; clients must present a cert it signed (mTLS)")
     serve.add_argument("--insecure", action="store_true", help="allow plaintext on a non-loopback address")
-    serve.add_argument("--enroll-token", default=None, help="token that gates Register")
+    serve.add_argument("--enroll-token", default=None,
+                       help="token that gates Register (on a loopback --listen, one is generated when no token is "
+                       "given: printed once and written with mode 0600 to <db file>.enroll-token)")
     serve.add_argument("--tokens-file", default=None, help="file with one enrolment token per line")
     serve.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics on this port")
     serve.add_argument("--dashboard", default=None, metavar="HOST:PORT",
                        help="serve a live page of rounds, depths, losses, traffic and refusals (e.g. 127.0.0.1:8080); "
                             "off loopback it needs --tls-cert/--tls-key and an enrolment token")
     for name in OVERRIDES:
-        kind = float if name in ("clients_fraction", "quorum_fraction", "deadline_s", "max_upload_mib") else int
+        kind = float if name in FLOAT_OVERRIDES else int
         serve.add_argument(f"--{name.replace('_', '-')}", dest=name, type=kind, default=None,
-                           help=f"override the config field {name}")
+                           help=f"override the config field {name} (docs/deployment.md lists the defaults)")
     add_mode_arguments(serve, default=None)
     serve.set_defaults(func=serve_command)
 
@@ -62,8 +74,32 @@ def register(subparsers) -> None:
                             epilog=STATUS_EPILOG, description="Read rounds, clients and metrics without a server.")
     status.add_argument("--db", required=True, help="database URL, as given to serve")
     status.add_argument("--blob-dir", default=None, help="blob directory (non-SQLite databases)")
+    status.add_argument("--blob-store", choices=("dir", "db"), default="dir", help="as given to serve")
     status.add_argument("--json", action="store_true", help="print machine-readable JSON on stdout")
     status.set_defaults(func=status_command)
+
+
+def _loopback_token(args) -> str:
+    """A generated enrolment token for a local trial: printed once, kept with mode 0600 beside the database.
+
+    Reused on a restart (the file already holds one), so agents enrolled before keep working.
+    """
+    import secrets
+
+    from prufed.common.fsio import atomic_write_text
+
+    db = args.db
+    if not db.startswith("sqlite:///"):
+        raise ConfigError("--enroll-token", "a generated token is kept beside a SQLite database file; with "
+                                            f"{db.split(':', 1)[0]} give --enroll-token or --tokens-file")
+    path = Path(f"{Path(db[len('sqlite:///'):]).expanduser()}{TOKEN_SUFFIX}")
+    if path.is_file() and (token := path.read_text().strip()):
+        print(f"enrolment token (loopback only) read from {path}", file=sys.stderr, flush=True)
+        return token
+    token = secrets.token_urlsafe(24)
+    atomic_write_text(path, token + "\n", mode=0o600)
+    print(f"enrolment token (loopback only, also in {path}): {token}", file=sys.stderr, flush=True)
+    return token
 
 
 def _enroll_tokens(args) -> list[str]:
@@ -81,8 +117,20 @@ def _enroll_tokens(args) -> list[str]:
         if not tokens:
             raise ConfigError("--tokens-file", f"{path}: holds no tokens")
     if not tokens:
-        raise ConfigError("--enroll-token", "Register must be gated: give --enroll-token or --tokens-file")
+        from aggregator.server import is_loopback, split_address
+
+        # The same loopback test the server applies to plaintext: off loopback a token stays mandatory.
+        if is_loopback(split_address(args.listen)[0]):
+            return [_loopback_token(args)]
+        raise ConfigError("--enroll-token", "Register must be gated off loopback: give --enroll-token or --tokens-file")
     return tokens
+
+
+def announce(line: str) -> None:
+    """One whole line on stderr in a single write: the round ticker's JSON log lines go to the same stream from
+    another thread, and `print` writes the text and its newline separately, so they could interleave."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
 
 
 def serve_command(args) -> int:
@@ -116,13 +164,13 @@ def serve_command(args) -> int:
         dashboard = DashboardConfig(dash_host, dash_port, token=None if is_loopback_host(dash_host) else tokens[0],
                                     tls_cert=args.tls_cert, tls_key=args.tls_key)
     model_dir = resolve_model(args.model)
-    store = Store(args.db, args.blob_dir)
+    store = Store(args.db, args.blob_dir, args.blob_store)
     server, port = create_server(args.listen, store, config, tls, enroll_tokens=tokens, insecure=args.insecure,
                                  model_dir=model_dir, metrics_port=args.metrics_port, dashboard=dashboard)
     host = args.listen.rpartition(":")[0]
-    print(f"listening on {host}:{port}", file=sys.stderr, flush=True)
+    announce(f"listening on {host}:{port}")
     if server.dashboard is not None:
-        print(f"dashboard on {server.dashboard.url}", file=sys.stderr, flush=True)
+        announce(f"dashboard on {server.dashboard.url}")
 
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -137,13 +185,17 @@ def serve_command(args) -> int:
 def status_command(args) -> int:
     from aggregator.federation import read_status
     from aggregator.state import Store
+    from prufed.cli.export_adapter import export_command
 
     db = args.db
     if db.startswith("sqlite:///"):
         path = Path(db[len("sqlite:///"):]).expanduser()
         if not path.is_file():
             raise ConfigError("--db", f"{path}: no such database file")
-    status = read_status(Store(db, args.blob_dir))
+    status = read_status(Store(db, args.blob_dir, args.blob_store))
+    version = int(status["global_version"])
+    # Version 0 is the initial adapter (lora_B = 0), nothing to export yet.
+    status["export_command"] = export_command(db, version) if version > 0 else None
     if args.json:
         print(json.dumps(status, indent=2, sort_keys=True))
         return 0
@@ -151,16 +203,41 @@ def status_command(args) -> int:
     from rich.table import Table
 
     console = Console()
+    if not console.is_terminal:
+        console = Console(width=160)  # a pipe or log file is no 80-column terminal: keep the table readable
     console.print(f"base model {status['base_model']}  layers {status['num_layers']}  global version "
                   f"{status['global_version']}  rounds {status['rounds_closed']}/{status['rounds_total']} closed"
                   f"{'  (done)' if status['done'] else ''}")
     depths = ", ".join(f"{d} layers: {n}" for d, n in status["clients_per_depth"].items()) or "none"
     console.print(f"clients per depth: {depths}")
-    table = Table("round", "state", "sampled", "uploads", "examples", "version", "reason")
+    console.print(f"aggregation mode: {status['mode']}")
+    # federated evaluation: the clients' own held-out loss of the global each round started from
+    eval_depths = sorted({int(d) for r in status["rounds"] for d in r["eval"]}, reverse=True)
+    table = Table("round", "state", "sampled", "uploads", "examples", "version", *[f"fed-eval d{d}" for d in eval_depths],
+                  "reason")
     for r in status["rounds"]:
         m = r["metrics"]
+        evals = [f"{r['eval'][str(d)]['loss']:.4f} ({r['eval'][str(d)]['examples']})" if str(d) in r["eval"] else ""
+                 for d in eval_depths]
         table.add_row(str(r["round"]), r["state"], str(r["sampled"]), str(r["uploads"]), str(m.get("examples", "")),
-                      str(m.get("global_version", "")), r["reason"])
+                      str(m.get("global_version", "")), *evals, r["reason"])
     console.print(table)
+    if eval_depths:
+        console.print("fed-eval: example-weighted mean of the clients' held-out loss (nats/token; examples scored) of "
+                      "the global the round started from, measured on the devices before training")
+    if status["groups"]:
+        groups = Table("depth", "kept layers", "version", "clients", "examples", "sha256",
+                       title="per-group globals (latest version)")
+        for g in status["groups"]:
+            groups.add_row(str(g["depth"]), ",".join(map(str, g["kept_layers"])), str(g["version"]),
+                           str(g["clients"]), str(g["examples"]), g["sha256"][:12])
+        console.print(groups)
+    if status["export_command"]:
+        latest = next((r for r in status["rounds"] if r["metrics"].get("global_version") == version), None)
+        made = f" (round {latest['round']}, sha256 {latest['metrics'].get('sha256', '')[:12]})" if latest else ""
+        console.print(f"latest global: version {version}{made}; export it for PEFT with:")
+        console.print(status["export_command"], markup=False, highlight=False, soft_wrap=True)
+    else:
+        console.print("latest global: version 0, the initial adapter (no round closed yet)")
     return 0
 

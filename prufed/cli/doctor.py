@@ -59,28 +59,25 @@ def package_versions() -> dict[str, str | None]:
 
 
 def agent_plan(model: str, spec) -> dict[str, Any]:
-    """What `prufed edge run --model M` (defaults otherwise) plans on `spec`: the agent's own planning call.
+    """What `prufed edge run --model M` (defaults otherwise: --depth auto, --quant auto) plans on `spec`: the
+    agent's own planning call (`edge_client.agent.plan_layers`, which is `edge_client.planning.plan_training`).
 
-    Only the planning fields of the agent's config are read here; it never connects anywhere.
+    Only the planning fields of the agent's config are read; nothing connects anywhere.
     """
     from edge_client.agent import AgentConfig, plan_layers
+    from edge_client.planning import quant_description
 
     plan, choice = plan_layers(AgentConfig(aggregator="", state_dir=Path(), model=model), spec)
-    quant = choice["quant"]
-    depth, layers = plan.depth, plan.source_num_layers
-    budget = int(choice.get("budget_bytes", spec.budget_bytes))
-    why_quant = choice.get("quant_source") or ("bitsandbytes 4-bit works here" if quant == "nf4" else
-                                               "this device's default without bitsandbytes 4-bit")
-    why_budget = (f"{spec.budget_fraction:g} x {spec.available_memory_bytes / GIB:.2f} GiB "
-                  f"{'unified' if spec.unified_memory else spec.accelerator} memory free now")
-    why_depth = "the deepest whose predicted peak training memory fits the budget"
-    if "predicted_bytes" in choice:
-        why_depth += f" ({choice['predicted_bytes'] / GIB:.2f} GiB predicted)"
+    quant, depth, layers, budget = choice["quant"], plan.depth, plan.source_num_layers, choice["budget_bytes"]
+    memory = "unified" if spec.unified_memory else spec.accelerator
     return {
         "model": model, "quant": quant, "depth": depth, "num_layers": layers, "kept_layers": list(plan.kept_layers),
-        "strategy": plan.strategy, "budget_bytes": budget, "choice": choice,
-        "why": f"{quant}: {why_quant}; budget {budget / GIB:.2f} GiB = {why_budget}; depth {depth}/{layers}: "
-               f"{why_depth}",
+        "strategy": plan.strategy, "budget_bytes": budget, "predicted_bytes": choice["predicted_bytes"],
+        "choice": choice,
+        "why": f"{quant} ({quant_description(quant)}): {choice['quant_source']}; budget {budget / GIB:.2f} GiB = "
+               f"{spec.budget_fraction:g} x {spec.available_memory_bytes / GIB:.2f} GiB {memory} memory free now; "
+               f"depth {depth}/{layers}: the deepest whose predicted peak training memory "
+               f"({choice['predicted_bytes'] / GIB:.2f} GiB) fits the budget",
     }
 
 
@@ -88,6 +85,7 @@ def diagnose(model: str | None = None) -> dict[str, Any]:
     """The whole report; `reason` is the first thing that stops the agent (None when it can run)."""
     from edge_client.core.memory import BudgetTooSmall
     from edge_client.model import probe_bf16, probe_bnb_4bit
+    from edge_client.planning import auto_quant_candidates
     from edge_client.profiling import probe_cuda, profile_device
 
     problems: list[str] = []
@@ -108,7 +106,7 @@ def diagnose(model: str | None = None) -> dict[str, Any]:
                    "total_bytes": spec.total_memory_bytes, "available_bytes": spec.available_memory_bytes,
                    "budget_fraction": spec.budget_fraction, "budget_bytes": spec.budget_bytes},
         "bnb_4bit": asdict(probe_bnb_4bit()), "bf16": asdict(probe_bf16()),
-        "default_quant": spec.default_quant, "nearest_profile": spec.nearest_profile,
+        "quant_candidates": list(auto_quant_candidates(spec)), "nearest_profile": spec.nearest_profile,
     }
     if model is not None and not missing:
         try:
@@ -148,7 +146,7 @@ def _print_text(report: dict[str, Any]) -> None:
                             f"budget {_bytes(memory['budget_bytes'])}")
     table.add_row("bitsandbytes 4-bit", mark(report["bnb_4bit"]))
     table.add_row("bf16", mark(report["bf16"]))
-    table.add_row("default precision", report["default_quant"])
+    table.add_row("--quant auto picks from", ", ".join(report["quant_candidates"]) + " (fastest first)")
     table.add_row("nearest profile", report["nearest_profile"] or "none")
     if "plan" in report:
         plan = report["plan"]

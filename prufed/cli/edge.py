@@ -30,7 +30,10 @@ def register(subparsers) -> None:
         "loop: pull a task, download the global adapter slice, train LoRA locally, upload the delta. Every step "
         "is persisted in --state-dir, so a restarted agent resumes where it stopped. Local data never leaves "
         "the device; only the update file is uploaded. SIGTERM stops cleanly (exit 0).")
-    run.add_argument("--aggregator", required=True, help="HOST:PORT of the aggregator's gRPC endpoint")
+    run.add_argument("--aggregator", required=True,
+                     help="HOST:PORT of the aggregator's gRPC endpoint, or HOST:PORT,HOST:PORT,... of several "
+                          "replicas: calls are balanced over them (gRPC round_robin) and a call that fails on a dying "
+                          "replica is retried on another")
     run.add_argument("--token", default=None,
                      help="enrolment token for the first Register (afterwards the per-client token in "
                           "--state-dir is used)")
@@ -79,10 +82,9 @@ def _depth(text: str) -> int | str:
 def build_config(args):
     from edge_client.agent import AgentConfig
     from edge_client.backoff import BackoffPolicy
+    from edge_client.transport import parse_addresses
 
-    host, _, port = args.aggregator.rpartition(":")
-    if not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ConfigError("--aggregator", f"must be HOST:PORT, got {args.aggregator!r}")
+    parse_addresses(args.aggregator)  # errors name --aggregator
     if args.budget_gib is not None and not (math.isfinite(args.budget_gib) and args.budget_gib > 0):
         raise ConfigError("--budget-gib", f"must be a positive number of GiB, got {args.budget_gib}")
     if args.max_examples is not None and args.max_examples < 1:

@@ -11,6 +11,7 @@ from collections.abc import Iterable
 from importlib import metadata
 
 from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 PROJECT = "prufed"
 #: Extras each top-level command needs beyond the core (torch, safetensors, gRPC, protobuf, pyyaml, rich).
@@ -27,9 +28,14 @@ COMMAND_EXTRAS: dict[str, tuple[str, ...]] = {
     "edge": ("edge",),
     "export-onnx": ("edge",),
     "generate": ("edge",),
+    "export-adapter": ("edge",),  # --db also needs [aggregator]; the store import says so
     "aggregator": ("aggregator",),
     "simulate": ("edge", "aggregator", "experiments"),
 }
+
+
+#: Every extra a requirement marker may name (`all` and `dev` are never the answer to a missing module).
+_EXTRA_NAMES = tuple(dict.fromkeys(extra for extras in COMMAND_EXTRAS.values() for extra in extras)) + ("postgres",)
 
 
 def _installed(name: str) -> bool:
@@ -60,6 +66,19 @@ def missing_extras(extras: Iterable[str], requirements: Iterable[str] | None = N
             if req.marker.evaluate({"extra": extra}) and not _installed(req.name):
                 missing.setdefault(extra, []).append(req.name)
     return missing
+
+
+def extras_providing(module: str, requirements: Iterable[str] | None = None) -> list[str]:
+    """The extras (other than `all`) that require a distribution named like the top-level `module` (sqlalchemy,
+    prometheus_client, matplotlib, peft, ...): which extra a ModuleNotFoundError asks for."""
+    wanted = canonicalize_name(module.partition(".")[0])
+    found: list[str] = []
+    for text in project_requirements() if requirements is None else requirements:
+        req = Requirement(text)
+        if req.marker is None or canonicalize_name(req.name) != wanted:
+            continue
+        found += [extra for extra in _EXTRA_NAMES if extra not in found and req.marker.evaluate({"extra": extra})]
+    return found
 
 
 def install_hint(extras: Iterable[str]) -> str:

@@ -16,6 +16,7 @@ EPILOG = """examples:
   prufed simulate                                   # 6 clients over depths 30,20,10, 3 rounds -> runs/simulate/
   prufed simulate --profiles jetson-orin-nano-8gb,laptop-cpu-8gb --clients 4 --baseline homogeneous
   prufed simulate --smoke --model path/to/tiny-llama --depths 8,6,4 --out /tmp/sim
+  prufed simulate --db postgresql+psycopg://me@127.0.0.1/scratch --replicas 2 --blob-store db --chaos 3
   prufed simulate --mode mixed --mix auto --baseline homogeneous   # per-group globals vs FedAvg per depth
   prufed simulate --engine flower --out runs/simulate-flower   # the same federation on Flower's Ray engine
 """
@@ -76,6 +77,16 @@ def register(subparsers) -> None:
     parser.add_argument("--smoke", action="store_true",
                         help="tiny default sizes for tests (see each size flag); flags given explicitly still win")
     parser.add_argument("--json", action="store_true", help="print report.json on stdout instead of tables")
+    scale = parser.add_argument_group("replicas and chaos")
+    scale.add_argument("--db", default=None, help="database URL the aggregator replicas share, e.g. "
+                       "postgresql+psycopg://u@127.0.0.1/scratch (its PruFed tables are reset first; "
+                       "default: SQLite OUT/agg.db)")
+    scale.add_argument("--replicas", type=int, default=1, help="aggregator processes on the one database; agents "
+                       "get all their addresses and balance over them")
+    scale.add_argument("--blob-store", default="dir", choices=("dir", "db"),
+                       help="where uploads and globals live (aggregator serve --blob-store)")
+    scale.add_argument("--chaos", type=int, default=0, metavar="K", help="SIGKILL a random replica K times at "
+                       "random moments (seeded by --seed), restarting each; report.json records the kills")
     parser.set_defaults(func=simulate_command)
 
 
@@ -120,7 +131,8 @@ def build_config(args):
     return SimulationConfig(out=Path(args.out), depths=depths, profiles=profiles, strategy=args.strategy,
                             data=args.data, alpha=args.alpha, lr=args.lr, quant=args.quant, seed=args.seed,
                             model=args.model, baseline=args.baseline, timeout_s=args.timeout, mode=args.mode,
-                            mix=args.mix, eval_examples=args.eval_examples, engine=args.engine, **sizes)
+                            mix=args.mix, eval_examples=args.eval_examples, db=args.db, replicas=args.replicas,
+                            blob_store=args.blob_store, chaos=args.chaos, engine=args.engine, **sizes)
 
 
 def simulate_command(args) -> int:

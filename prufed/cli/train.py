@@ -21,7 +21,8 @@ def register(subparsers) -> None:
     train = subparsers.add_parser(
         "train", help="LoRA instruction tuning of a pruned model; writes an update file and metrics",
         formatter_class=HelpFormatter,
-        description="Prune the model to --depth layers, load it (4-bit NF4 when bitsandbytes works), attach LoRA "
+        description="Prune the model to --depth layers, load it (--quant auto: on a CPU the fastest precision that "
+        "fits the memory budget, bf16 base weights with fp32 LoRA where the CPU has native bf16), attach LoRA "
         "and train on an instruction file (Alpaca, Dolly or GSM8K; JSON or JSONL) or, without --data, on built-in "
         "KJV demo tasks. Writes OUT/update.safetensors (Δ = trained − start, ORIGINAL layer keys), "
         "OUT/adapter.safetensors, OUT/metrics.json and a resumable OUT/checkpoint/.",

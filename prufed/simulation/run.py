@@ -36,6 +36,7 @@ from pathlib import Path
 from edge_client.core.memory import QUANT_CHOICES
 from edge_client.core.pruning import DEFAULT_STRATEGY
 from prufed.common.errors import ConfigError, PrufedError
+from prufed.simulation.replicas import ReplicaSet
 
 REPO = Path(__file__).resolve().parent.parent
 ENGINES = ("prufed", "flower")
@@ -74,6 +75,10 @@ class SimulationConfig:
     deadline_s: float = 900.0
     timeout_s: float = 3600.0  #: give up (and clean up) after this long
     child_threads: int = 1  #: torch threads per agent process (N agents share the cores)
+    db: str | None = None  #: database URL shared by the replicas (None: SQLite OUT/agg.db); its tables are reset
+    replicas: int = 1  #: aggregator processes on the one database
+    blob_store: str = "dir"  #: dir | db (aggregator serve --blob-store)
+    chaos: int = 0  #: SIGKILLs to a random replica at random (seeded) moments, each one restarted
 
     def __post_init__(self) -> None:
         if self.clients < 1:
@@ -107,6 +112,15 @@ class SimulationConfig:
         object.__setattr__(self, "mix", check_mode(self.mode, self.mix))
         if self.eval_examples < 0:
             raise ConfigError("--eval-examples", f"must be >= 0, got {self.eval_examples}")
+        if self.replicas < 1:
+            raise ConfigError("--replicas", f"must be >= 1, got {self.replicas}")
+        if self.chaos < 0:
+            raise ConfigError("--chaos", f"must be >= 0, got {self.chaos}")
+        if self.blob_store not in ("dir", "db"):
+            raise ConfigError("--blob-store", f"must be dir or db, got {self.blob_store!r}")
+        if self.db is not None and self.baseline is not None:
+            raise ConfigError("--baseline", "runs one federation per depth group, each on its own SQLite file: "
+                                            "not with --db")
         if self.engine not in ENGINES:
             raise ConfigError("--engine", f"must be one of {', '.join(ENGINES)}, got {self.engine!r}")
         if self.engine == "flower" and self.mode not in SINGLE_MODES:
@@ -136,6 +150,8 @@ class FederationRun:
     clients: list[dict] = field(default_factory=list)
     aggregator_totals: dict = field(default_factory=dict)
     wall_s: float = 0.0
+    final_global: dict = field(default_factory=dict)  #: final_global_sha256, final_global_path
+    replicas: dict = field(default_factory=dict)  #: replica_kills, replica_requests (prufed.simulation.replicas)
 
 
 # ---- data -------------------------------------------------------------------------------------------------------
@@ -266,6 +282,15 @@ def scrape_totals(port: int) -> dict:
     return totals
 
 
+def write_final_global(federation, path: Path) -> dict:
+    """Copy the latest global version's blob to `path`; returns final_global_sha256 / final_global_path."""
+    from prufed.common.fsio import atomic_write_bytes
+
+    row = federation.globals.version_row(None)
+    atomic_write_bytes(path, federation.store.blobs.read_bytes(row.blob))
+    return {"final_global_sha256": row.sha256, "final_global_path": str(path)}
+
+
 # ---- evaluation -------------------------------------------------------------------------------------------------
 class DepthEvaluator:
     """Scores a global adapter's slice on each depth's pruned model (fp32, LoRA dropout off) on fixed held-out rows."""
@@ -309,7 +334,11 @@ def aggregator_yaml(config: SimulationConfig, num_clients: int, mode: str) -> di
             "deadline_s": config.deadline_s, "retry_after_s": 0.25, "seed": config.seed, "mode": mode,
             "mix": config.mix if mode == config.mode else None,
             "lora_r": config.lora_r, "lora_alpha": config.lora_alpha, "max_steps": config.local_steps,
-            "lr": config.lr, "batch_size": config.batch_size, "seq_len": config.seq_len}
+            "lr": config.lr, "batch_size": config.batch_size, "seq_len": config.seq_len,
+            # every agent enrols from 127.0.0.1 with one token: let all of them through the Register rate limit
+            "register_burst": max(20, num_clients),
+            # a replica killed while closing a round holds its claim this long before another one re-runs the close
+            **({"close_lease_s": 10.0} if config.replicas > 1 or config.chaos else {})}
 
 
 def run_federation(name: str, config: SimulationConfig, model: str, clients: Sequence[ClientSpec], out: Path,
@@ -327,6 +356,9 @@ def run_federation(name: str, config: SimulationConfig, model: str, clients: Seq
     fed_yaml = aggregator_yaml(config, len(clients), mode)
     (out / "aggregator.yaml").write_text(yaml.safe_dump(fed_yaml))
     db_path = out / "agg.db"
+    db_url = config.db or f"sqlite:///{db_path}"
+    blob_dir = out / ("spool" if config.blob_store == "db" else "blobs") if config.db or config.blob_store == "db" \
+        else None
     # A previous run into the same --out left a finished federation behind: its agents' state dirs would resume
     # as "done" against this fresh aggregator and never register, and a killed run's SQLite -wal file would be
     # replayed into the new database, so every piece of run state goes (agg.db, -wal, -shm, .blobs).
@@ -337,23 +369,25 @@ def run_federation(name: str, config: SimulationConfig, model: str, clients: Seq
             shutil.rmtree(stale)
         elif stale.exists():
             stale.unlink()
-    metrics_port = free_port()
+    if config.db:  # a fresh federation: the previous run's rows (and blobs) go
+        Store(db_url, blob_dir, config.blob_store).reset()
     children = Children()
     run = FederationRun(name)
     started = time.perf_counter()
+    serve = [sys.executable, "-m", "prufed", "aggregator", "serve", "--db", db_url, "--model", model, "--config",
+             str(out / "aggregator.yaml"), f"--enroll-token={token}", "--blob-store", config.blob_store,
+             *(["--blob-dir", str(blob_dir)] if blob_dir else [])]
+    replicas = ReplicaSet(children, serve, [(free_port(), free_port()) for _ in range(config.replicas)], out,
+                          chaos=config.chaos, seed=config.seed)
     try:
-        server = children.spawn([sys.executable, "-m", "prufed", "aggregator", "serve", "--listen", "127.0.0.1:0",
-                                 "--db", f"sqlite:///{db_path}", "--model", model, "--config",
-                                 str(out / "aggregator.yaml"), f"--enroll-token={token}", "--metrics-port",
-                                 str(metrics_port)], out / "aggregator.log")
-        address = wait_listening(out / "aggregator.log", server)
+        address = replicas.start()
         agents = []
         for spec in clients:
             cmd = [sys.executable, "-m", "prufed", *agent_args(config, spec, address, token, model, name)]
             spec.state_dir.parent.mkdir(parents=True, exist_ok=True)
             agents.append(children.spawn(cmd, spec.state_dir.parent / "agent.log"))
 
-        store = Store(f"sqlite:///{db_path}")
+        store = Store(db_url, blob_dir, config.blob_store)
         federation = Federation(store, AggregatorConfig(**{k: v for k, v in fed_yaml.items()}))
         evaluated = 0
         deadline = time.monotonic() + config.timeout_s
@@ -363,8 +397,8 @@ def run_federation(name: str, config: SimulationConfig, model: str, clients: Seq
                     raise PrufedError(f"agent {spec.index} exited with {proc.returncode}; see "
                                       f"{spec.state_dir.parent / 'agent.log'}:\n"
                                       + (spec.state_dir.parent / "agent.log").read_text(errors="replace")[-2000:])
-            if server.poll() is not None:
-                raise PrufedError(f"the aggregator exited ({server.returncode}); see {out / 'aggregator.log'}")
+            replicas.check()
+            replicas.scrape()
             if any(spec.plan is None for spec in clients):
                 for spec in clients:
                     state = _read_json(spec.state_dir / "state.json")
@@ -392,7 +426,12 @@ def run_federation(name: str, config: SimulationConfig, model: str, clients: Seq
             if time.monotonic() > deadline:
                 raise PrufedError(f"the federation did not finish within {config.timeout_s:.0f} s")
             time.sleep(0.3)
-        run.aggregator_totals = scrape_totals(metrics_port)
+        replicas.stop()
+        totals = [scrape_totals(r.metrics_port) for r in replicas.replicas]
+        run.aggregator_totals = {key: sum(t.get(key, 0) for t in totals) for key in ("bytes_up", "bytes_down")
+                                 if any(key in t for t in totals)}
+        run.replicas = replicas.report()
+        run.final_global = write_final_global(federation, out / "final_global.safetensors")
         store.dispose()
     finally:
         children.close()
@@ -528,6 +567,7 @@ def build_report(config: SimulationConfig, hetero: FederationRun, baseline: dict
         "num_train_examples": num_train, "num_heldout_examples": num_heldout,
         "clients": hetero.clients, "heldout_loss_round0": hetero.eval_round0, "rounds": rounds,
         "aggregator_totals": hetero.aggregator_totals,
+        **hetero.final_global, **hetero.replicas,
         "agent_totals": {"bytes_up": sum(r["bytes_up"] for r in rounds),
                          "bytes_down": sum(r["bytes_down"] for r in rounds)},
         "mean_overhead": sum(overheads) / len(overheads) if overheads else None,
