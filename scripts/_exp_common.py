@@ -18,6 +18,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -342,6 +343,24 @@ def read_cell(path: Path, config: Mapping) -> dict | None:
                           "use another --data-dir or delete the file")
     return cell
 
+
+
+def cells_to_run(args, cells: Sequence, file_of: Callable[[Any], Path], config_of: Callable[[Any], Mapping],
+                 what: str) -> list:
+    """The cells without a finished file of the same configuration, at most `--max-cells` of them; with `--list`,
+    print each cell's file name and whether it is done."""
+    todo = []
+    for cell in cells:
+        path = file_of(cell)
+        done = read_cell(path, config_of(cell)) is not None
+        if args.list:
+            print(f"{'done' if done else 'todo'}  {path.name}")
+        if not done:
+            todo.append(cell)
+    if args.max_cells:
+        todo = todo[:args.max_cells]
+    log(f"{len(cells)} cells, {len(todo)} to run now ({what})")
+    return todo
 
 def write_cell(path: Path, cell: Mapping) -> None:
     import json

@@ -359,17 +359,8 @@ def run(args: argparse.Namespace) -> int:
             raise ConfigError("--regimes", "every regime needs the same number of depth groups (the same data split)")
     cells = plan_cells(args, num_layers)
     budget = budget_tag(args)
-    todo = []
-    for cell in cells:
-        path = args.data_dir / f"{cell.name(budget)}.json"
-        done = common.read_cell(path, cell_config(args, cell, model_dir)) is not None
-        if args.list:
-            print(f"{'done' if done else 'todo'}  {path.name}")
-        if not done:
-            todo.append(cell)
-    if args.max_cells:
-        todo = todo[:args.max_cells]
-    common.log(f"{len(cells)} cells, {len(todo)} to run now (device {device}, {precision} base weights)")
+    todo = common.cells_to_run(args, cells, lambda cell: args.data_dir / f"{cell.name(budget)}.json",
+                               lambda cell: cell_config(args, cell, model_dir), f"device {device}, {precision} base weights")
     if args.list or not todo:
         return 0
 

@@ -135,18 +135,9 @@ def run(args: argparse.Namespace) -> int:
     bad = [d for d in args.depth_list if not 1 <= d <= num_layers]
     if bad:
         raise ConfigError("--depths", f"must lie in [1, {num_layers}], got {bad}")
-    todo = []
     cells = plan_cells(args, num_layers)
-    for cell in cells:
-        path = args.data_dir / cell_file(args, *cell)
-        done = common.read_cell(path, cell_config(args, cell[0], cell[2])) is not None
-        if args.list:
-            print(f"{'done' if done else 'todo'}  {path.name}")
-        if not done:
-            todo.append(cell)
-    if args.max_cells:
-        todo = todo[:args.max_cells]
-    common.log(f"{len(cells)} cells, {len(todo)} to run now (device {device}, {precision} base weights)")
+    todo = common.cells_to_run(args, cells, lambda cell: args.data_dir / cell_file(args, *cell),
+                               lambda cell: cell_config(args, cell[0], cell[2]), f"device {device}, {precision} base weights")
     if args.list or not todo:
         return 0
 
