@@ -54,6 +54,8 @@ def test_chaos_ends_on_the_same_global_as_an_undisturbed_run(tmp_path, tiny_mode
         assert len(report["replica_kills"]) == CHAOS, name
         assert report["final_global_sha256"] == reference["final_global_sha256"], name
         assert [r["restarts"] for r in report["replica_requests"]] != [0] * len(report["replica_requests"])
-        assert sum(r["requests"].get("UploadUpdate", 0) for r in report["replica_requests"]) >= 4, name
+        # counts are scraped while a replica runs, so a SIGKILL loses what it served since the last scrape: a lower
+        # bound, never the exact 4 uploads of the run
+        assert sum(r["requests"].get("UploadUpdate", 0) for r in report["replica_requests"]) >= 1, name
     replicas = reports["postgresql-chaos"]["replica_requests"]
     assert len(replicas) == 2 and all(r["total"] > 0 for r in replicas)  # the agents balanced over both
