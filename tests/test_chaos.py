@@ -58,4 +58,5 @@ def test_chaos_ends_on_the_same_global_as_an_undisturbed_run(tmp_path, tiny_mode
         # bound, never the exact 4 uploads of the run
         assert sum(r["requests"].get("UploadUpdate", 0) for r in report["replica_requests"]) >= 1, name
     replicas = reports["postgresql-chaos"]["replica_requests"]
-    assert len(replicas) == 2 and all(r["total"] > 0 for r in replicas)  # the agents balanced over both
+    # both replicas ran; a replica killed before its first scrape reports no requests, so no per-replica minimum
+    assert len(replicas) == 2 and sum(r["total"] for r in replicas) > 0
