@@ -85,6 +85,23 @@ def start_inprocess(tmp_path: Path, model_dir: Path, config=None, db_url: str | 
     return server, f"127.0.0.1:{port}", store
 
 
+def open_round_one(tmp_path: Path, model_dir: Path, config, a_layers, b_layers, enroll: str = ENROLL):
+    """An in-process server with clients a and b registered and round 1 open for them, then a late client
+    (registered after the round opened, so not sampled). Returns (server, address, store, a, b, late)."""
+    from edge_client.transport import AggregatorClient
+
+    server, address, store = start_inprocess(tmp_path, model_dir, config)
+    a, b, late = AggregatorClient(address), AggregatorClient(address), AggregatorClient(address)
+    a.register(enroll, a_layers)
+    b.register(enroll, b_layers)
+    deadline = time.monotonic() + 20
+    while a.pull_task().kind != "task":
+        assert time.monotonic() < deadline, "round 1 did not open"
+        time.sleep(0.05)
+    late.register(enroll, b_layers)
+    return server, address, store, a, b, late
+
+
 def write_yaml_config(path: Path, **overrides) -> Path:
     import yaml
 

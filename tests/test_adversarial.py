@@ -12,7 +12,7 @@ import time
 
 import grpc
 import pytest
-from aggregator_helpers import ENROLL, fast_config, header_for, make_delta, raw_upload, start_inprocess
+from aggregator_helpers import ENROLL, fast_config, header_for, make_delta, open_round_one, raw_upload, start_inprocess
 
 from edge_client.transport import AggregatorClient
 from prufed.common.adapter_format import DELTA_FORMAT, AdapterMeta, save_adapter
@@ -26,15 +26,8 @@ CONFIG = dict(rounds=2, min_clients=2, max_upload_mib=1.0, stream_idle_s=2.0, up
 @pytest.fixture(scope="module")
 def fed(tmp_path_factory, tiny_model_dir):
     tmp = tmp_path_factory.mktemp("adversarial")
-    server, address, store = start_inprocess(tmp, tiny_model_dir, fast_config(**CONFIG))
-    a, b, c = AggregatorClient(address), AggregatorClient(address), AggregatorClient(address)
-    a.register(ENROLL, A_LAYERS)
-    b.register(ENROLL, B_LAYERS)
-    deadline = time.monotonic() + 20
-    while a.pull_task().kind != "task":
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
-    c.register(ENROLL, B_LAYERS)  # not sampled for round 1
+    # c registers after round 1 opened: not sampled for it
+    server, address, store, a, b, c = open_round_one(tmp, tiny_model_dir, fast_config(**CONFIG), A_LAYERS, B_LAYERS)
     global0 = server.federation.global_state(0)
     path = save_adapter(tmp / "valid-b.safetensors", make_delta(global0, B_LAYERS, seed=2),
                         AdapterMeta(DELTA_FORMAT, tuple(B_LAYERS), "", 1, 7))

@@ -10,7 +10,7 @@ from pathlib import Path
 import grpc
 import pytest
 import torch
-from aggregator_helpers import ENROLL, header_for, make_delta, raw_upload, start_inprocess
+from aggregator_helpers import header_for, make_delta, open_round_one, raw_upload
 
 from edge_client.transport import AggregatorClient, FatalError
 from prufed.common.adapter_format import DELTA_FORMAT, GLOBAL_FORMAT, AdapterMeta, save_adapter
@@ -26,15 +26,8 @@ def federation(tmp_path_factory, tiny_model_dir):
     from aggregator_helpers import fast_config
 
     tmp = tmp_path_factory.mktemp("bad-uploads")
-    server, address, store = start_inprocess(tmp, tiny_model_dir, fast_config(max_upload_mib=1.0))
-    a, b, late = AggregatorClient(address), AggregatorClient(address), AggregatorClient(address)
-    a.register(ENROLL, A_LAYERS)
-    b.register(ENROLL, B_LAYERS)
-    deadline = time.monotonic() + 20
-    while a.pull_task().kind != "task":
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
-    late.register(ENROLL, B_LAYERS)  # after round 1 opened: not sampled for it
+    server, address, store, a, b, late = open_round_one(tmp, tiny_model_dir, fast_config(max_upload_mib=1.0),
+                                                        A_LAYERS, B_LAYERS)
     global0 = server.federation.global_state(0)
     accepted = a.upload_update(make_delta(global0, A_LAYERS, seed=1), 1, 5, A_LAYERS)
     yield {"server": server, "store": store, "a": a, "b": b, "late": late, "global0": global0, "tmp": tmp,
