@@ -17,6 +17,7 @@ from pathlib import Path
 
 from prufed.cli.help import HelpFormatter
 from prufed.cli.modes import add_mode_arguments
+from prufed.cli.quiet import progress_bar
 from prufed.common.errors import ConfigError, PrufedError
 
 INDEX = "index.json"
@@ -60,15 +61,6 @@ def register(subparsers) -> None:
     parser.add_argument("--json", action="store_true",
                         help="print per-tensor holder counts, rejected updates and the report as JSON on stdout")
     parser.set_defaults(func=cmd_aggregate)
-
-
-def _progress():
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    console = Console(stderr=True)
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    console=console, transient=True, disable=not console.is_terminal)
 
 
 def _check_update(path: Path, global_state, global_meta):
@@ -162,7 +154,7 @@ def cmd_aggregate(args: argparse.Namespace) -> int:
     aggregator = _make_aggregator(args, config, initial, globals_)
 
     accepted, rejected = [], []
-    with _progress() as progress:
+    with progress_bar() as progress:
         task = progress.add_task("aggregating", total=len(args.updates))
         for path in args.updates:
             try:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from edge_client.core.pruning import DEFAULT_STRATEGY, STRATEGIES, parse_protect
 from prufed.cli.help import HelpFormatter
+from prufed.cli.quiet import progress_bar
 from prufed.common.errors import ConfigError
 from prufed.common.models import DEFAULT_MODEL
 
@@ -68,16 +69,6 @@ def register(subparsers) -> None:
     evaluate.set_defaults(func=cmd_eval)
 
 
-def _progress():
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    console = Console(stderr=True)
-    # Off when stderr is not a terminal: a redirected log would only get a stray blank line.
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    console=console, transient=True, disable=not console.is_terminal)
-
-
 def _check_keep(keep: int | None) -> None:
     if keep is not None and keep < 1:
         raise ConfigError("--keep", f"must be >= 1, got {keep}")
@@ -100,7 +91,7 @@ def _scores(model_dir: Path, calib: Path | None, block_sizes):
 
     texts = calibration_passages(calib)
     model, tokenizer = load_base_model(model_dir)
-    with _progress() as progress:
+    with progress_bar() as progress:
         task = progress.add_task("scoring layers", total=None)
         return compute_layer_scores(model, tokenizer, texts, block_sizes=block_sizes,
                                     on_batch=lambda done, total: progress.update(task, completed=done, total=total))
@@ -129,7 +120,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     if args.out.exists() and (not args.out.is_dir() or any(args.out.iterdir())):
         raise ConfigError("--out", f"{args.out} exists and is not an empty directory")
     model_dir = source_model_dir(args.model)
-    with _progress() as progress:
+    with progress_bar() as progress:
         task = progress.add_task(f"planning ({args.strategy})", total=None)
         plan = plan_for_model(args.model, args.strategy, args.keep, protect, args.calib,
                               on_batch=lambda done, total: progress.update(task, completed=done, total=total))
@@ -215,7 +206,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     model_dir = resolve_model(args.model)
     plan = read_plan(model_dir)
     model, tokenizer = load_base_model(model_dir)
-    with _progress() as progress:
+    with progress_bar() as progress:
         if args.data is None:
             from edge_client.corpus import heldout_texts
 

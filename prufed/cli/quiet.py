@@ -53,7 +53,8 @@ def configure(verbose: bool) -> None:
     warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\.onnx")
 
 
-def _progress():
+def progress_bar():
+    """A rich progress bar on stderr (description, bar, n/total, elapsed), off when stderr is not a terminal."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -66,7 +67,7 @@ def _progress():
 @contextlib.contextmanager
 def step_progress(description: str) -> Iterator[Callable[[str], None]]:
     """One bar for a long step made of named stages; yields `stage(name)`, which relabels the bar."""
-    progress = _progress()
+    progress = progress_bar()
     task = progress.add_task(description, total=None)
     with progress:
         yield lambda name: progress.update(task, description=name)
@@ -75,7 +76,7 @@ def step_progress(description: str) -> Iterator[Callable[[str], None]]:
 @contextlib.contextmanager
 def count_progress(description: str, total: int | None) -> Iterator[Callable[[int], None]]:
     """One bar counting to `total`; yields `advance(done)`, which sets the count reached."""
-    progress = _progress()
+    progress = progress_bar()
     task = progress.add_task(description, total=total)
     with progress:
         yield lambda done: progress.update(task, completed=done)
